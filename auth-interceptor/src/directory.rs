@@ -1,0 +1,158 @@
+//! The directory: the platform's `users` and `accounts` tables, read-only,
+//! behind a cache whose staleness is bounded.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use igny8_db::{Db, on_pool};
+use moka::future::Cache;
+
+/// How long a directory answer may be served from memory. Changes made by the
+/// platform (user moved, deactivated, role changed, account suspended) are
+/// honoured within this bound — under the 1 s the contract allows.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_millis(500);
+
+/// A row of `users`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UserRecord {
+    /// `users.id`.
+    pub id: i64,
+    /// The user's current account; `None` when removed from every account.
+    pub account_id: Option<i64>,
+    /// The directory role, as stored.
+    pub role: String,
+    /// False once the user is deactivated.
+    pub is_active: bool,
+}
+
+/// Whether an account may change state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountStatus {
+    /// Reads and mutations allowed.
+    Active,
+    /// Reads only. Unknown statuses are treated as suspended (fail closed).
+    Suspended,
+}
+
+/// A row of `accounts`, as far as authorization needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRecord {
+    /// `accounts.id`.
+    pub id: i64,
+    /// `accounts.status`.
+    pub status: AccountStatus,
+}
+
+/// The directory could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("directory unavailable: {0}")]
+pub struct DirectoryError(pub String);
+
+/// Read access to users and accounts.
+#[async_trait]
+pub trait Directory: Send + Sync + 'static {
+    /// The user with this id, if any.
+    async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError>;
+    /// The account with this id, if any.
+    async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError>;
+}
+
+#[async_trait]
+impl<D: Directory + ?Sized> Directory for Arc<D> {
+    async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
+        (**self).user(id).await
+    }
+    async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError> {
+        (**self).account(id).await
+    }
+}
+
+/// The directory in the service's own database (PostgreSQL or SQLite).
+#[derive(Debug, Clone)]
+pub struct SqlDirectory {
+    db: Db,
+}
+
+impl SqlDirectory {
+    /// Reads the directory tables through this pool.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+}
+
+fn unavailable(e: sqlx::Error) -> DirectoryError {
+    DirectoryError(e.to_string())
+}
+
+#[async_trait]
+impl Directory for SqlDirectory {
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
+        const SQL: &str = "SELECT id, account_id, role, is_active FROM users WHERE id = $1";
+        on_pool!(&self.db, pool => sqlx::query_as::<_, UserRecord>(SQL).bind(id).fetch_optional(pool).await)
+            .map_err(unavailable)
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError> {
+        const SQL: &str = "SELECT id, status FROM accounts WHERE id = $1";
+        let row: Option<(i64, String)> =
+            on_pool!(&self.db, pool => sqlx::query_as(SQL).bind(id).fetch_optional(pool).await)
+                .map_err(unavailable)?;
+        Ok(row.map(|(id, status)| AccountRecord {
+            id,
+            status: if status == "active" {
+                AccountStatus::Active
+            } else {
+                AccountStatus::Suspended
+            },
+        }))
+    }
+}
+
+/// A directory in front of another, answering from memory for at most `ttl`.
+///
+/// Absent users and accounts are cached too (a user created a moment ago is
+/// seen within the same bound). Failures are never cached. Concurrent misses
+/// for one key share a single load.
+pub struct CachedDirectory<D> {
+    inner: Arc<D>,
+    users: Cache<i64, Option<UserRecord>>,
+    accounts: Cache<i64, Option<AccountRecord>>,
+}
+
+impl<D: Directory> CachedDirectory<D> {
+    /// Caches `inner` for `ttl` (see [`DEFAULT_CACHE_TTL`]).
+    pub fn new(inner: D, ttl: Duration) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            users: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl)
+                .build(),
+            accounts: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+}
+
+#[async_trait]
+impl<D: Directory> Directory for CachedDirectory<D> {
+    async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
+        let inner = self.inner.clone();
+        self.users
+            .try_get_with(id, async move { inner.user(id).await })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError> {
+        let inner = self.inner.clone();
+        self.accounts
+            .try_get_with(id, async move { inner.account(id).await })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+}

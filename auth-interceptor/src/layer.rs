@@ -1,0 +1,304 @@
+//! The async tower layer that authenticates every call before its handler.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderMap, HeaderValue, Request, Response};
+use tonic::Status;
+use tower::{Layer, Service};
+
+use crate::{
+    context::AuthContext, directory::Directory, error::AuthError, metrics::AuthMetrics,
+    policy::Policy, resolve::Resolver, secret::BearerToken, verify::TokenVerifier,
+};
+
+/// Metadata names the layer reads and writes.
+pub mod headers {
+    /// The authoritative account (set by the layer; echoed on responses).
+    pub const ACCOUNT_ID: &str = "x-igny8-account-id";
+    /// The authoritative user id (set by the layer for user callers).
+    pub const USER_ID: &str = "x-igny8-user-id";
+    /// The authoritative role (set by the layer).
+    pub const ROLE: &str = "x-igny8-role";
+    /// The account a developer or service acts as.
+    pub const ACT_AS: &str = "x-igny8-act-as-account";
+    /// Identity metadata a caller may never set: removed from every request.
+    pub const IDENTITY: [&str; 3] = [ACCOUNT_ID, USER_ID, ROLE];
+}
+
+/// Verifies, resolves and authorizes one call.
+pub struct Authenticator {
+    verifier: TokenVerifier,
+    resolver: Resolver,
+    policy: Policy,
+    metrics: AuthMetrics,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("verifier", &self.verifier)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// An authenticator with the SPEC §2.3 policy.
+    pub fn new(
+        verifier: TokenVerifier,
+        directory: Arc<dyn Directory>,
+        metrics: AuthMetrics,
+    ) -> Self {
+        Self {
+            verifier,
+            resolver: Resolver::new(directory, metrics.clone()),
+            policy: Policy::default(),
+            metrics,
+        }
+    }
+
+    /// Authenticates a call to `path` carrying these headers.
+    pub async fn authenticate(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<AuthContext, AuthError> {
+        let result = self.authenticate_inner(path, headers).await;
+        match &result {
+            Ok(_) => self.metrics.outcome("ok"),
+            Err(e) => self.metrics.outcome(e.outcome()),
+        }
+        result
+    }
+
+    async fn authenticate_inner(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<AuthContext, AuthError> {
+        let token = bearer(headers)?;
+        let verified = self.verifier.verify(token.expose())?;
+        let rule = self
+            .policy
+            .rule(path)
+            .ok_or_else(|| AuthError::UnknownMethod(path.to_owned()))?;
+        let act_as = act_as(headers)?;
+        self.resolver.resolve(&verified, act_as, rule).await
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or(AuthError::MissingToken)?;
+    if value.len() > crate::verify::MAX_TOKEN_BYTES + 16 {
+        return Err(AuthError::TokenTooLarge(value.len()));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::MalformedAuthorization)?
+        .trim();
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or(AuthError::MalformedAuthorization)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(AuthError::MalformedAuthorization);
+    }
+    Ok(BearerToken::new(token))
+}
+
+fn act_as(headers: &HeaderMap) -> Result<Option<i64>, AuthError> {
+    let mut values = headers.get_all(headers::ACT_AS).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(AuthError::InvalidActAs);
+    }
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|id| *id > 0)
+        .map(Some)
+        .ok_or(AuthError::InvalidActAs)
+}
+
+fn strip_identity(headers: &mut HeaderMap) {
+    for name in headers::IDENTITY {
+        headers.remove(name);
+    }
+}
+
+fn set_identity(headers: &mut HeaderMap, ctx: &AuthContext) {
+    if let Some(account) = ctx.account_id {
+        headers.insert(headers::ACCOUNT_ID, HeaderValue::from(account));
+    }
+    if let Some(user) = ctx.user_id() {
+        headers.insert(headers::USER_ID, HeaderValue::from(user));
+    }
+    headers.insert(headers::ROLE, HeaderValue::from_static(ctx.role.as_str()));
+}
+
+/// Puts [`AuthService`] in front of a server's routes.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    auth: Arc<Authenticator>,
+}
+
+impl AuthLayer {
+    /// A layer authenticating with `auth`.
+    pub fn new(auth: Arc<Authenticator>) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            auth: self.auth.clone(),
+            inner,
+        }
+    }
+}
+
+/// Authenticates each request, then calls the inner service with an
+/// [`AuthContext`] extension and authoritative identity metadata.
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    auth: Arc<Authenticator>,
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // The clone is the one that was not polled ready; swap so the ready
+        // one serves this request (tower's documented pattern).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            if Policy::is_public(request.uri().path()) {
+                strip_identity(request.headers_mut());
+                return inner.call(request).await;
+            }
+            let ctx = match auth
+                .authenticate(request.uri().path(), request.headers())
+                .await
+            {
+                Ok(ctx) => ctx,
+                Err(err) => return Ok(Status::from(err).into_http()),
+            };
+            let headers = request.headers_mut();
+            strip_identity(headers);
+            set_identity(headers, &ctx);
+            let account = ctx.account_id;
+            request.extensions_mut().insert(ctx);
+            let mut response = inner.call(request).await?;
+            if let Some(account) = account {
+                response
+                    .headers_mut()
+                    .insert(headers::ACCOUNT_ID, HeaderValue::from(account));
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer(&map(&[])), Err(AuthError::MissingToken));
+        assert_eq!(
+            bearer(&map(&[("authorization", "Basic abc")])),
+            Err(AuthError::MalformedAuthorization)
+        );
+        assert_eq!(
+            bearer(&map(&[("authorization", "Bearer ")])),
+            Err(AuthError::MalformedAuthorization)
+        );
+        assert_eq!(
+            bearer(&map(&[("authorization", "bearer a.b.c")]))
+                .unwrap()
+                .expose(),
+            "a.b.c"
+        );
+    }
+
+    #[test]
+    fn act_as_parsing() {
+        assert_eq!(act_as(&map(&[])), Ok(None));
+        assert_eq!(
+            act_as(&map(&[("x-igny8-act-as-account", "42")])),
+            Ok(Some(42))
+        );
+        for bad in ["", "x", "-1", "0", "1.5"] {
+            assert_eq!(
+                act_as(&map(&[("x-igny8-act-as-account", bad)])),
+                Err(AuthError::InvalidActAs),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            act_as(&map(&[
+                ("x-igny8-act-as-account", "1"),
+                ("x-igny8-act-as-account", "2")
+            ])),
+            Err(AuthError::InvalidActAs)
+        );
+    }
+
+    #[test]
+    fn identity_is_stripped_and_replaced() {
+        let mut h = map(&[
+            ("x-igny8-account-id", "999"),
+            ("x-igny8-account-id", "998"),
+            ("x-igny8-role", "developer"),
+            ("x-igny8-user-id", "1"),
+        ]);
+        strip_identity(&mut h);
+        assert!(h.is_empty());
+        let ctx = AuthContext {
+            caller: crate::Caller::User { id: 7 },
+            role: crate::Role::Viewer,
+            account_id: Some(3),
+            acting_as: false,
+        };
+        set_identity(&mut h, &ctx);
+        assert_eq!(h["x-igny8-account-id"], "3");
+        assert_eq!(h["x-igny8-user-id"], "7");
+        assert_eq!(h["x-igny8-role"], "viewer");
+    }
+}

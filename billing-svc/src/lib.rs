@@ -1,0 +1,82 @@
+//! igny8 billing: prices AI operations in credits, checks and deducts them
+//! atomically, and keeps an append-only ledger.
+//!
+//! The request path reads top to bottom: transport and auth
+//! ([`service_kit::Server`]) → handler ([`service::Billing`]) → pricing
+//! ([`costs::CostTable`]) → store ([`ledger::Ledger`]).
+
+#![forbid(unsafe_code)]
+
+pub mod costs;
+pub mod error;
+pub mod ledger;
+pub mod page_token;
+pub mod service;
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
+
+use auth_interceptor::KeyConfig;
+use igny8_proto::billing::v1::billing_service_server::BillingServiceServer;
+use service_kit::{Defaults, Server, ServiceConfig, StartError};
+
+pub use costs::CostTable;
+pub use service::Billing;
+
+/// Billing's default addresses.
+pub const DEFAULTS: Defaults = Defaults {
+    listen_addr: "0.0.0.0:50051",
+    metrics_addr: "0.0.0.0:9101",
+};
+
+/// Billing-only configuration, beyond [`ServiceConfig`].
+pub const EXTRA_HELP: &str = "\
+  IGNY8_COST_TABLE_FILE         replace the built-in cost table with a .toml or .json file";
+
+/// Reads `IGNY8_COST_TABLE_FILE` (when set) or returns the built-in table.
+pub fn cost_table_from_env() -> Result<CostTable, String> {
+    match std::env::var_os("IGNY8_COST_TABLE_FILE").filter(|v| !v.is_empty()) {
+        Some(path) => CostTable::from_file(&PathBuf::from(path)),
+        None => Ok(CostTable::builtin()),
+    }
+}
+
+/// A bound billing server.
+#[derive(Debug)]
+pub struct App {
+    server: Server,
+    billing: Billing,
+}
+
+impl App {
+    /// Validates configuration, binds the listen address and prepares the
+    /// service. Serving starts with [`App::run_until_stopped`].
+    pub async fn build(config: ServiceConfig, table: CostTable) -> Result<Self, StartError> {
+        let key_material = match &config.jwt.keys {
+            KeyConfig::Hs256Secret(secret) => secret.expose().clone(),
+            KeyConfig::PublicKeyPem(pem) => pem.clone(),
+            KeyConfig::Jwks(doc) => doc.clone().into_bytes(),
+        };
+        let server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
+        let billing = Billing::new(
+            Arc::new(table),
+            ledger::Ledger::new(server.db().clone()),
+            &key_material,
+        );
+        Ok(Self { server, billing })
+    }
+
+    /// The bound gRPC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then drains.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
+        self.server
+            .serve(BillingServiceServer::new(self.billing), shutdown)
+            .await
+    }
+}

@@ -1,0 +1,474 @@
+//! `igny8.billing.v1.BillingService`: validate, price, hand to the ledger.
+//!
+//! Handlers never read an account from a message: the account comes from the
+//! [`AuthContext`] the auth layer attached. Every validation happens before
+//! any write, so a rejected request changes nothing.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use auth_interceptor::AuthContext;
+use igny8_proto::billing::v1::{
+    self as pb, billing_service_server::BillingService, check_request, deduct_request,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    costs::{CostTable, PriceError},
+    error::BillingError,
+    ledger::{Entry, Kind, Ledger, LedgerRow},
+    page_token::PageTokens,
+};
+
+/// Largest raw credit amount accepted in one call (Check, Deduct, Grant).
+pub const MAX_CREDITS: i64 = 1_000_000_000_000;
+/// Longest idempotency key.
+pub const MAX_KEY_LEN: usize = 128;
+/// Longest description or reason.
+pub const MAX_TEXT_LEN: usize = 512;
+/// Most metadata entries on a deduction.
+pub const MAX_METADATA_ENTRIES: usize = 16;
+/// Longest metadata key.
+pub const MAX_METADATA_KEY_LEN: usize = 64;
+/// Longest metadata value.
+pub const MAX_METADATA_VALUE_LEN: usize = 256;
+/// `ListTransactions` page size when none is asked for.
+pub const DEFAULT_PAGE_SIZE: i32 = 50;
+/// Largest `ListTransactions` page.
+pub const MAX_PAGE_SIZE: i32 = 1000;
+
+/// The billing service.
+#[derive(Debug, Clone)]
+pub struct Billing {
+    table: Arc<CostTable>,
+    ledger: Ledger,
+    tokens: PageTokens,
+}
+
+/// A cost as asked for: by usage or as raw credits.
+enum CostSpec {
+    Usage(pb::Usage),
+    Credits(i64),
+}
+
+impl From<check_request::Cost> for CostSpec {
+    fn from(c: check_request::Cost) -> Self {
+        match c {
+            check_request::Cost::Usage(u) => CostSpec::Usage(u),
+            check_request::Cost::Credits(n) => CostSpec::Credits(n),
+        }
+    }
+}
+
+impl From<deduct_request::Cost> for CostSpec {
+    fn from(c: deduct_request::Cost) -> Self {
+        match c {
+            deduct_request::Cost::Usage(u) => CostSpec::Usage(u),
+            deduct_request::Cost::Credits(n) => CostSpec::Credits(n),
+        }
+    }
+}
+
+/// A priced cost.
+struct Priced {
+    credits: i64,
+    operation: String,
+    quantity: u64,
+}
+
+/// The parts of a request that make it "the same request" for idempotency.
+#[derive(Serialize)]
+struct Fingerprint<'a> {
+    kind: &'static str,
+    credits: Option<i64>,
+    operation: &'a str,
+    quantity: u64,
+    description: &'a str,
+    metadata: &'a BTreeMap<String, String>,
+}
+
+impl Fingerprint<'_> {
+    fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).expect("fingerprints serialize");
+        Sha256::digest(json)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl Billing {
+    /// A service over this table and ledger; page tokens are keyed with
+    /// `page_token_key`.
+    pub fn new(table: Arc<CostTable>, ledger: Ledger, page_token_key: &[u8]) -> Self {
+        Self {
+            table,
+            ledger,
+            tokens: PageTokens::new(page_token_key),
+        }
+    }
+
+    fn price(&self, cost: Option<CostSpec>, prefix: &str) -> Result<Priced, BillingError> {
+        match cost {
+            None => Err(BillingError::field(
+                "cost",
+                "set either `usage` {operation, quantity} or `credits`",
+            )),
+            Some(CostSpec::Credits(credits)) => {
+                if !(1..=MAX_CREDITS).contains(&credits) {
+                    return Err(BillingError::field(
+                        "credits",
+                        format!("must be from 1 to {MAX_CREDITS}, got {credits}"),
+                    ));
+                }
+                Ok(Priced {
+                    credits,
+                    operation: String::new(),
+                    quantity: 0,
+                })
+            }
+            Some(CostSpec::Usage(usage)) => {
+                let price = price_usage(&self.table, &usage.operation, usage.quantity, prefix)?;
+                Ok(Priced {
+                    credits: price.credits,
+                    operation: price.cost.operation.clone(),
+                    quantity: price.quantity,
+                })
+            }
+        }
+    }
+}
+
+fn price_usage<'t>(
+    table: &'t CostTable,
+    operation: &str,
+    quantity: u64,
+    prefix: &str,
+) -> Result<crate::costs::Price<'t>, BillingError> {
+    if operation.trim().is_empty() {
+        let known: Vec<_> = table.rows().iter().map(|r| r.operation.as_str()).collect();
+        return Err(BillingError::field(
+            format!("{prefix}operation"),
+            format!("required; one of: {}", known.join(", ")),
+        ));
+    }
+    table
+        .price(operation, quantity)
+        .map_err(|source| BillingError::Price {
+            field: match (&source, prefix.is_empty()) {
+                (PriceError::UnknownOperation { .. }, true) => "operation",
+                (PriceError::UnknownOperation { .. }, false) => "usage.operation",
+                (PriceError::QuantityTooLarge(_), true) => "quantity",
+                (PriceError::QuantityTooLarge(_), false) => "usage.quantity",
+            },
+            source,
+        })
+}
+
+fn check_key(key: &str) -> Result<(), BillingError> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        return Err(BillingError::field(
+            "idempotency_key",
+            format!("required: 1 to {MAX_KEY_LEN} printable ASCII characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_text(field: &str, text: &str, required: bool) -> Result<(), BillingError> {
+    if required && text.trim().is_empty() {
+        return Err(BillingError::field(field, "required"));
+    }
+    if text.chars().count() > MAX_TEXT_LEN {
+        return Err(BillingError::field(
+            field,
+            format!("at most {MAX_TEXT_LEN} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_metadata(
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, BillingError> {
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(BillingError::field(
+            "metadata",
+            format!(
+                "at most {MAX_METADATA_ENTRIES} entries, got {}",
+                metadata.len()
+            ),
+        ));
+    }
+    for (k, v) in &metadata {
+        if k.is_empty() || k.chars().count() > MAX_METADATA_KEY_LEN {
+            return Err(BillingError::field(
+                "metadata",
+                format!("keys must be 1 to {MAX_METADATA_KEY_LEN} characters"),
+            ));
+        }
+        if v.chars().count() > MAX_METADATA_VALUE_LEN {
+            return Err(BillingError::field(
+                format!("metadata[{k}]"),
+                format!("values must be at most {MAX_METADATA_VALUE_LEN} characters"),
+            ));
+        }
+    }
+    Ok(metadata.into_iter().collect())
+}
+
+/// A ledger row as the API shows it.
+pub fn transaction(row: LedgerRow) -> pb::Transaction {
+    let kind = match row.kind.as_str() {
+        "deduct" => pb::TransactionKind::Deduct,
+        "grant" => pb::TransactionKind::Grant,
+        _ => pb::TransactionKind::Unspecified,
+    };
+    let metadata = serde_json::from_str(&row.metadata).unwrap_or_default();
+    pb::Transaction {
+        id: row.id,
+        account_id: row.account_id,
+        kind: kind as i32,
+        credits: row.credits,
+        balance_after: row.balance_after,
+        operation: row.operation,
+        quantity: u64::try_from(row.quantity).unwrap_or_default(),
+        description: row.description,
+        metadata,
+        idempotency_key: row.idempotency_key,
+        actor: row.actor,
+        create_time: Some(prost_types::Timestamp {
+            seconds: row.created_at.timestamp(),
+            nanos: i32::try_from(row.created_at.timestamp_subsec_nanos()).unwrap_or_default(),
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl BillingService for Billing {
+    async fn get_credit_cost(
+        &self,
+        request: Request<pb::GetCreditCostRequest>,
+    ) -> Result<Response<pb::GetCreditCostResponse>, Status> {
+        let r = request.into_inner();
+        let price = price_usage(&self.table, &r.operation, r.quantity, "")?;
+        Ok(Response::new(pb::GetCreditCostResponse {
+            operation: price.cost.operation.clone(),
+            credits: price.credits,
+            unit: price.cost.unit.clone(),
+            base_credits: price.cost.credits,
+            quantity: price.quantity,
+        }))
+    }
+
+    async fn list_credit_costs(
+        &self,
+        _request: Request<pb::ListCreditCostsRequest>,
+    ) -> Result<Response<pb::ListCreditCostsResponse>, Status> {
+        let costs = self
+            .table
+            .rows()
+            .iter()
+            .map(|row| pb::CreditCost {
+                operation: row.operation.clone(),
+                aliases: row.aliases.clone(),
+                credits: row.credits,
+                unit: row.unit.clone(),
+                unit_size: row.unit_size,
+                module: row.module.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListCreditCostsResponse { costs }))
+    }
+
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let account = AuthContext::of(&request)?.account()?;
+        let priced = self.price(request.into_inner().cost.map(CostSpec::from), "usage.")?;
+        let available = self.ledger.balance(account).await?;
+        Ok(Response::new(pb::CheckResponse {
+            sufficient: available >= priced.credits,
+            required_credits: priced.credits,
+            available_credits: available,
+        }))
+    }
+
+    async fn deduct(
+        &self,
+        request: Request<pb::DeductRequest>,
+    ) -> Result<Response<pb::DeductResponse>, Status> {
+        let ctx = AuthContext::of(&request)?;
+        let (account, actor) = (ctx.account()?, ctx.actor());
+        let r = request.into_inner();
+        check_key(&r.idempotency_key)?;
+        let priced = self.price(r.cost.map(CostSpec::from), "usage.")?;
+        check_text("description", &r.description, false)?;
+        let metadata = check_metadata(r.metadata)?;
+        let request_hash = Fingerprint {
+            kind: "deduct",
+            credits: priced.operation.is_empty().then_some(priced.credits),
+            operation: &priced.operation,
+            quantity: priced.quantity,
+            description: &r.description,
+            metadata: &metadata,
+        }
+        .hash();
+        let applied = self
+            .ledger
+            .apply(
+                account,
+                &Entry {
+                    kind: Kind::Deduct,
+                    credits: -priced.credits,
+                    operation: priced.operation,
+                    quantity: priced.quantity,
+                    description: r.description,
+                    metadata,
+                    idempotency_key: r.idempotency_key,
+                    request_hash,
+                    actor,
+                },
+            )
+            .await?;
+        tracing::debug!(account, replayed = applied.replayed, "deducted");
+        Ok(Response::new(pb::DeductResponse {
+            balance: applied.row.balance_after,
+            transaction: Some(transaction(applied.row)),
+            replayed: applied.replayed,
+        }))
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::GetBalanceResponse>, Status> {
+        let account = AuthContext::of(&request)?.account()?;
+        let balance = self.ledger.balance(account).await?;
+        Ok(Response::new(pb::GetBalanceResponse {
+            account_id: account,
+            balance,
+        }))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let account = AuthContext::of(&request)?.account()?;
+        let r = request.into_inner();
+        let page_size = match r.page_size {
+            n if n < 0 => {
+                return Err(BillingError::field("page_size", "must not be negative").into());
+            }
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let before = match r.page_token.as_str() {
+            "" => None,
+            token => Some(self.tokens.open(account, token).ok_or_else(|| {
+                BillingError::field(
+                    "page_token",
+                    "not a page token issued for this account; start again with an empty token",
+                )
+            })?),
+        };
+        let mut rows = self
+            .ledger
+            .page(account, before, i64::from(page_size) + 1)
+            .await?;
+        let more = rows.len() > page_size as usize;
+        rows.truncate(page_size as usize);
+        let next_page_token = match rows.last() {
+            Some(last) if more => self.tokens.issue(account, last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListTransactionsResponse {
+            transactions: rows.into_iter().map(transaction).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn grant(
+        &self,
+        request: Request<pb::GrantRequest>,
+    ) -> Result<Response<pb::GrantResponse>, Status> {
+        let ctx = AuthContext::of(&request)?;
+        let (account, actor) = (ctx.account()?, ctx.actor());
+        let r = request.into_inner();
+        if !(1..=MAX_CREDITS).contains(&r.credits) {
+            return Err(BillingError::field(
+                "credits",
+                format!("must be from 1 to {MAX_CREDITS}, got {}", r.credits),
+            )
+            .into());
+        }
+        check_key(&r.idempotency_key)?;
+        check_text("reason", &r.reason, true)?;
+        let metadata = BTreeMap::new();
+        let request_hash = Fingerprint {
+            kind: "grant",
+            credits: Some(r.credits),
+            operation: "",
+            quantity: 0,
+            description: &r.reason,
+            metadata: &metadata,
+        }
+        .hash();
+        let applied = self
+            .ledger
+            .apply(
+                account,
+                &Entry {
+                    kind: Kind::Grant,
+                    credits: r.credits,
+                    operation: String::new(),
+                    quantity: 0,
+                    description: r.reason,
+                    metadata,
+                    idempotency_key: r.idempotency_key,
+                    request_hash,
+                    actor,
+                },
+            )
+            .await?;
+        tracing::info!(
+            account,
+            credits = applied.row.credits,
+            replayed = applied.replayed,
+            "granted"
+        );
+        Ok(Response::new(pb::GrantResponse {
+            balance: applied.row.balance_after,
+            transaction: Some(transaction(applied.row)),
+            replayed: applied.replayed,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_must_be_printable_and_bounded() {
+        assert!(check_key("job-42/retry:1").is_ok());
+        assert!(check_key(&"k".repeat(128)).is_ok());
+        for bad in ["", "tab\there", "é", &"k".repeat(129)] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn metadata_is_bounded() {
+        let many = (0..17).map(|i| (i.to_string(), String::new())).collect();
+        assert!(check_metadata(many).is_err());
+        let long = [("k".to_owned(), "v".repeat(257))].into_iter().collect();
+        assert!(check_metadata(long).is_err());
+        let ok = [("job".to_owned(), "42".to_owned())].into_iter().collect();
+        assert!(check_metadata(ok).is_ok());
+    }
+}

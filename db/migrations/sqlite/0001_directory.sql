@@ -1,0 +1,27 @@
+-- Directory tables: a contract with the platform that owns users. The platform
+-- writes them; the services read them (billing also moves accounts.credits).
+CREATE TABLE IF NOT EXISTS accounts (
+    id          BIGINT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'active'
+                CONSTRAINT accounts_status_known CHECK (status IN ('active', 'suspended')),
+    -- The last line of defence for "a balance never goes below zero".
+    credits     BIGINT NOT NULL DEFAULT 0
+                CONSTRAINT accounts_credits_non_negative CHECK (credits >= 0),
+    created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
+CREATE TABLE IF NOT EXISTS users (
+    id          BIGINT PRIMARY KEY,
+    account_id  BIGINT NULL REFERENCES accounts (id) ON DELETE SET NULL,
+    role        TEXT NOT NULL
+                CONSTRAINT users_role_known
+                CHECK (role IN ('owner', 'admin', 'editor', 'viewer', 'developer')),
+    is_active   BOOLEAN NOT NULL DEFAULT TRUE,
+    email       TEXT NOT NULL,
+    created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
+CREATE INDEX IF NOT EXISTS users_account_id_idx ON users (account_id);

@@ -1,0 +1,28 @@
+//! Compiles the `.proto` contracts with the pure-Rust `protox` compiler (no
+//! `protoc` on the machine), then generates prost messages and tonic servers
+//! and clients from the resulting descriptor set. The encoded descriptor set is
+//! also written to `OUT_DIR` for server reflection.
+
+use std::{env, path::PathBuf};
+
+use prost::Message;
+
+const PROTOS: &[&str] = &[
+    "igny8/billing/v1/billing.proto",
+    "igny8/settings/v1/settings.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={}", root.join(proto).display());
+    }
+    let fds = protox::compile(PROTOS, [&root])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(out.join("igny8_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

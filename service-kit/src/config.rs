@@ -1,0 +1,272 @@
+//! Configuration from the environment (SPEC §5). Every variable has a
+//! default except the JWT key; anything malformed stops start-up with a
+//! message naming the variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, Secret, VerifierConfig};
+use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+/// Per-service defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    /// `IGNY8_LISTEN_ADDR` when unset.
+    pub listen_addr: &'static str,
+    /// `IGNY8_METRICS_ADDR` when unset.
+    pub metrics_addr: &'static str,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything a service needs to start.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// `DATABASE_URL` (default: a SQLite file in the working directory).
+    pub database_url: String,
+    /// `IGNY8_LISTEN_ADDR`.
+    pub listen_addr: SocketAddr,
+    /// `IGNY8_METRICS_ADDR`; `None` when set to `off`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// JWT verification (`IGNY8_JWT_*`).
+    pub jwt: VerifierConfig,
+    /// `IGNY8_RUN_MIGRATIONS` (default true).
+    pub run_migrations: bool,
+    /// `IGNY8_SHUTDOWN_TIMEOUT_SECS`: how long SIGTERM waits for in-flight calls.
+    pub shutdown_timeout: Duration,
+    /// `IGNY8_DB_MAX_CONNECTIONS` and friends.
+    pub pool: PoolConfig,
+    /// `IGNY8_DIRECTORY_CACHE_MS`: bounded staleness of directory reads.
+    pub directory_cache_ttl: Duration,
+    /// `IGNY8_LOG_FORMAT`.
+    pub log_format: LogFormat,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl ServiceConfig {
+    /// Reads the process environment.
+    pub fn from_env(defaults: Defaults) -> Result<Self, ConfigError> {
+        Self::from_lookup(defaults, |k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `lookup` (the environment, or a map in
+    /// tests). Empty values count as unset.
+    pub fn from_lookup(
+        defaults: Defaults,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+        let database_url = get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        igny8_db::Backend::of_url(&database_url)
+            .map_err(|e| ConfigError(format!("DATABASE_URL: {e}")))?;
+        let listen_addr = parse_addr(
+            "IGNY8_LISTEN_ADDR",
+            get("IGNY8_LISTEN_ADDR"),
+            defaults.listen_addr,
+        )?;
+        let metrics_addr = match get("IGNY8_METRICS_ADDR").as_deref() {
+            Some("off") => None,
+            other => Some(parse_addr(
+                "IGNY8_METRICS_ADDR",
+                other.map(str::to_owned),
+                defaults.metrics_addr,
+            )?),
+        };
+        let keys = match (
+            get("IGNY8_JWT_SECRET"),
+            get("IGNY8_JWT_PUBLIC_KEY_FILE"),
+            get("IGNY8_JWKS_FILE"),
+        ) {
+            (Some(secret), None, None) => KeyConfig::Hs256Secret(Secret::new(secret.into_bytes())),
+            (None, Some(path), None) => {
+                KeyConfig::pem_file(&PathBuf::from(path)).map_err(ConfigError)?
+            }
+            (None, None, Some(path)) => {
+                KeyConfig::jwks_file(&PathBuf::from(path)).map_err(ConfigError)?
+            }
+            (None, None, None) => {
+                return Err(ConfigError(
+                    "no JWT key: set IGNY8_JWT_SECRET (HS256), IGNY8_JWT_PUBLIC_KEY_FILE (PEM) or IGNY8_JWKS_FILE".into(),
+                ));
+            }
+            _ => {
+                return Err(ConfigError(
+                    "set only one of IGNY8_JWT_SECRET, IGNY8_JWT_PUBLIC_KEY_FILE, IGNY8_JWKS_FILE"
+                        .into(),
+                ));
+            }
+        };
+        let jwt = VerifierConfig {
+            keys,
+            issuer: get("IGNY8_JWT_ISSUER"),
+            audience: get("IGNY8_JWT_AUDIENCE"),
+            leeway: Duration::from_secs(parse_num(
+                "IGNY8_JWT_LEEWAY_SECS",
+                get("IGNY8_JWT_LEEWAY_SECS"),
+                30,
+                0..=3600,
+            )?),
+        };
+        let log_format = match get("IGNY8_LOG_FORMAT").as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "IGNY8_LOG_FORMAT must be `text` or `json`, got {other:?}"
+                )));
+            }
+        };
+        Ok(Self {
+            database_url,
+            listen_addr,
+            metrics_addr,
+            jwt,
+            run_migrations: parse_bool("IGNY8_RUN_MIGRATIONS", get("IGNY8_RUN_MIGRATIONS"), true)?,
+            shutdown_timeout: Duration::from_secs(parse_num(
+                "IGNY8_SHUTDOWN_TIMEOUT_SECS",
+                get("IGNY8_SHUTDOWN_TIMEOUT_SECS"),
+                20,
+                0..=3600,
+            )?),
+            pool: PoolConfig {
+                max_connections: parse_num(
+                    "IGNY8_DB_MAX_CONNECTIONS",
+                    get("IGNY8_DB_MAX_CONNECTIONS"),
+                    16,
+                    1..=1000,
+                )? as u32,
+                acquire_timeout: Duration::from_secs(parse_num(
+                    "IGNY8_DB_ACQUIRE_TIMEOUT_SECS",
+                    get("IGNY8_DB_ACQUIRE_TIMEOUT_SECS"),
+                    5,
+                    1..=600,
+                )?),
+            },
+            directory_cache_ttl: match get("IGNY8_DIRECTORY_CACHE_MS") {
+                None => DEFAULT_CACHE_TTL,
+                v => Duration::from_millis(parse_num("IGNY8_DIRECTORY_CACHE_MS", v, 0, 0..=1000)?),
+            },
+            log_format,
+            otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        })
+    }
+}
+
+fn parse_addr(name: &str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let value = value.unwrap_or_else(|| default.to_owned());
+    value.parse().map_err(|_| {
+        ConfigError(format!(
+            "{name} must be an IP:port such as 0.0.0.0:50051, got {value:?}"
+        ))
+    })
+}
+
+fn parse_num(
+    name: &str,
+    value: Option<String>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{name} must be a whole number from {} to {}, got {value:?}",
+                range.start(),
+                range.end()
+            ))
+        })
+}
+
+fn parse_bool(name: &str, value: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(default),
+        Some("1" | "true" | "yes" | "on") => Ok(true),
+        Some("0" | "false" | "no" | "off") => Ok(false),
+        Some(_) => Err(ConfigError(format!(
+            "{name} must be true or false, got {:?}",
+            value.unwrap_or_default()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const D: Defaults = Defaults {
+        listen_addr: "0.0.0.0:50051",
+        metrics_addr: "0.0.0.0:9101",
+    };
+
+    fn load(pairs: &[(&str, &str)]) -> Result<ServiceConfig, ConfigError> {
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ServiceConfig::from_lookup(D, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = load(&[("IGNY8_JWT_SECRET", "s")]).unwrap();
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.listen_addr.to_string(), "0.0.0.0:50051");
+        assert_eq!(c.jwt.leeway, Duration::from_secs(30));
+        assert!(c.run_migrations);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (pairs, needle) in [
+            (vec![], "IGNY8_JWT_SECRET"),
+            (
+                vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_JWKS_FILE", "/x")],
+                "only one",
+            ),
+            (
+                vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_LISTEN_ADDR", "nope")],
+                "IGNY8_LISTEN_ADDR",
+            ),
+            (
+                vec![("IGNY8_JWT_SECRET", "s"), ("DATABASE_URL", "mysql://x")],
+                "DATABASE_URL",
+            ),
+            (
+                vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_JWT_LEEWAY_SECS", "-1")],
+                "IGNY8_JWT_LEEWAY_SECS",
+            ),
+            (
+                vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_RUN_MIGRATIONS", "maybe")],
+                "IGNY8_RUN_MIGRATIONS",
+            ),
+            (
+                vec![("IGNY8_JWT_PUBLIC_KEY_FILE", "/definitely/missing.pem")],
+                "missing.pem",
+            ),
+        ] {
+            let err = load(&pairs).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The server stack both services run: auth layer → (health | reflection v1 |
+//! reflection v1alpha | the service), database readiness, SIGTERM drain.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use auth_interceptor::{
+    AuthLayer, AuthMetrics, Authenticator, CachedDirectory, SqlDirectory, TokenVerifier,
+};
+use http::{Request, Response};
+use igny8_db::Db;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{body::Body, server::NamedService};
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
+use tower::Service;
+
+use crate::config::ServiceConfig;
+
+/// How often readiness re-checks the database.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Start-up or serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Configuration is unusable (bad key, bad URL).
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC transport failed.
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection descriptors are broken (a build problem).
+    #[error("reflection error: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A bound, not yet serving, igny8 server: the listener, the database pool,
+/// the authenticator and the health reporter.
+pub struct Server {
+    config: ServiceConfig,
+    service_name: &'static str,
+    listener: TcpListener,
+    db: Db,
+    authenticator: Arc<Authenticator>,
+    auth_metrics: AuthMetrics,
+    health: HealthReporter,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("service", &self.service_name)
+            .field("addr", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Validates keys, prepares the (lazy) database pool and binds the
+    /// listen address. Nothing is served until [`Server::serve`].
+    pub async fn bind(
+        config: ServiceConfig,
+        service_name: &'static str,
+    ) -> Result<Self, StartError> {
+        let verifier = TokenVerifier::new(&config.jwt).map_err(StartError::Config)?;
+        let db = Db::connect_lazy(&config.database_url, &config.pool)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let auth_metrics = AuthMetrics::default();
+        let directory =
+            CachedDirectory::new(SqlDirectory::new(db.clone()), config.directory_cache_ttl);
+        let authenticator = Arc::new(Authenticator::new(
+            verifier,
+            Arc::new(directory),
+            auth_metrics.clone(),
+        ));
+        let health = HealthReporter::new();
+        for name in ["", service_name] {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        Ok(Self {
+            config,
+            service_name,
+            listener,
+            db,
+            authenticator,
+            auth_metrics,
+            health,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has a local address")
+    }
+
+    /// The database pool, for the service's store.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The auth counters.
+    pub fn auth_metrics(&self) -> &AuthMetrics {
+        &self.auth_metrics
+    }
+
+    /// Serves `service` until `shutdown` completes, then reports NOT_SERVING,
+    /// stops accepting and drains in-flight calls for at most the configured
+    /// shutdown timeout.
+    pub async fn serve<S>(
+        self,
+        service: S,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError>
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let Server {
+            config,
+            service_name,
+            listener,
+            db,
+            authenticator,
+            health,
+            ..
+        } = self;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(igny8_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(service_name)
+                .with_service_name("grpc.health.v1.Health")
+        };
+        let (draining_tx, draining) = watch::channel(false);
+        let readiness = tokio::spawn(readiness(
+            db.clone(),
+            health.clone(),
+            service_name,
+            config.run_migrations,
+            draining.clone(),
+        ));
+
+        let signal = {
+            let health = health.clone();
+            async move {
+                shutdown.await;
+                tracing::info!(
+                    "shutdown requested: reporting NOT_SERVING and draining in-flight calls"
+                );
+                let _ = draining_tx.send(true);
+                for name in ["", service_name] {
+                    health
+                        .set_service_status(name, ServingStatus::NotServing)
+                        .await;
+                }
+            }
+        };
+        let addr = listener.local_addr().ok();
+        tracing::info!(service = service_name, ?addr, "serving gRPC");
+        let serve = tonic::transport::Server::builder()
+            .layer(AuthLayer::new(authenticator))
+            .add_service(HealthServer::new(HealthService::from_health_reporter(
+                health,
+            )))
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        tokio::pin!(serve);
+
+        let drain_deadline = {
+            let mut draining = draining.clone();
+            let timeout = config.shutdown_timeout;
+            async move {
+                let _ = draining.wait_for(|d| *d).await;
+                tokio::time::sleep(timeout).await;
+            }
+        };
+        let result = tokio::select! {
+            result = &mut serve => result.map_err(StartError::from),
+            () = drain_deadline => {
+                tracing::warn!(timeout = ?config.shutdown_timeout, "drain timed out; exiting with calls still in flight");
+                Ok(())
+            }
+        };
+        readiness.abort();
+        db.close().await;
+        tracing::info!(service = service_name, "stopped");
+        result
+    }
+}
+
+/// Keeps health honest: NOT_SERVING until the database answers (and the
+/// migrations, when enabled, are applied), NOT_SERVING again while it does
+/// not, and for good once draining starts.
+async fn readiness(
+    db: Db,
+    health: HealthReporter,
+    service_name: &'static str,
+    run_migrations: bool,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut migrated = !run_migrations;
+    let mut last = None;
+    loop {
+        if *draining.borrow() {
+            return;
+        }
+        let status = match db.ping().await {
+            Ok(()) if migrated => ServingStatus::Serving,
+            Ok(()) => match db.migrate().await {
+                Ok(()) => {
+                    tracing::info!("database migrations applied");
+                    migrated = true;
+                    ServingStatus::Serving
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "database migrations failed; will retry");
+                    ServingStatus::NotServing
+                }
+            },
+            Err(e) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::error!(error = %e, "database unreachable: reporting NOT_SERVING");
+                }
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) && !*draining.borrow() {
+            for name in ["", service_name] {
+                health.set_service_status(name, status).await;
+            }
+            if status == ServingStatus::Serving {
+                tracing::info!(
+                    service = service_name,
+                    "database reachable: reporting SERVING"
+                );
+            }
+            last = Some(status);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(READINESS_INTERVAL) => {}
+            _ = draining.changed() => {}
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

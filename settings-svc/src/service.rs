@@ -1,0 +1,224 @@
+//! `igny8.settings.v1.SettingsService`.
+//!
+//! The account always comes from the [`AuthContext`]; `settings.account_id`
+//! in a request is output-only and ignored.
+
+use auth_interceptor::AuthContext;
+use igny8_proto::settings::v1::{self as pb, Module, settings_service_server::SettingsService};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    error::SettingsError,
+    modules::{self, FIELDS},
+    store::{SettingsStore, Switches},
+};
+
+/// The settings service.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    store: SettingsStore,
+}
+
+impl Settings {
+    /// A service over this store.
+    pub fn new(store: SettingsStore) -> Self {
+        Self { store }
+    }
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or_default(),
+    }
+}
+
+/// The API form of an account's switches.
+pub fn to_proto(s: &Switches) -> pb::ModuleSettings {
+    let [
+        planner,
+        writer,
+        thinker,
+        automation,
+        site_builder,
+        linker,
+        optimizer,
+        publisher,
+    ] = s.enabled;
+    pb::ModuleSettings {
+        account_id: s.account_id,
+        planner_enabled: planner,
+        writer_enabled: writer,
+        thinker_enabled: thinker,
+        automation_enabled: automation,
+        site_builder_enabled: site_builder,
+        linker_enabled: linker,
+        optimizer_enabled: optimizer,
+        publisher_enabled: publisher,
+        create_time: Some(timestamp(s.created_at)),
+        update_time: Some(timestamp(s.updated_at)),
+    }
+}
+
+fn requested(s: &pb::ModuleSettings) -> [bool; 8] {
+    [
+        s.planner_enabled,
+        s.writer_enabled,
+        s.thinker_enabled,
+        s.automation_enabled,
+        s.site_builder_enabled,
+        s.linker_enabled,
+        s.optimizer_enabled,
+        s.publisher_enabled,
+    ]
+}
+
+/// Turns a field mask into per-switch changes (AIP-134):
+/// named paths set those switches; `*` sets all eight; an empty mask sets
+/// the switches that are `true` in `settings` (the populated fields).
+pub fn changes(
+    settings: Option<&pb::ModuleSettings>,
+    mask: Option<&prost_types::FieldMask>,
+) -> Result<[Option<bool>; 8], SettingsError> {
+    let paths = mask.map(|m| m.paths.as_slice()).unwrap_or_default();
+    let mut out = [None; 8];
+    if paths.is_empty() {
+        if let Some(s) = settings {
+            for (i, on) in requested(s).into_iter().enumerate() {
+                out[i] = on.then_some(true);
+            }
+        }
+        return Ok(out);
+    }
+    let updatable = || format!("updatable fields: {}", FIELDS.join(", "));
+    let mut wildcard = false;
+    let mut named = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        match path.as_str() {
+            "*" => wildcard = true,
+            p => named.push(modules::field_index(p).ok_or_else(|| {
+                SettingsError::field(
+                    format!("update_mask.paths[{i}]"),
+                    format!("unknown or read-only field {p:?}; {}", updatable()),
+                )
+            })?),
+        }
+    }
+    if wildcard && !named.is_empty() {
+        return Err(SettingsError::field(
+            "update_mask.paths",
+            "`*` cannot be combined with other paths",
+        ));
+    }
+    let values = requested(settings.ok_or_else(|| {
+        SettingsError::field("settings", "required when update_mask names fields")
+    })?);
+    if wildcard {
+        named = (0..FIELDS.len()).collect();
+    }
+    for i in named {
+        out[i] = Some(values[i]);
+    }
+    Ok(out)
+}
+
+#[tonic::async_trait]
+impl SettingsService for Settings {
+    async fn get_module_settings(
+        &self,
+        request: Request<pb::GetModuleSettingsRequest>,
+    ) -> Result<Response<pb::GetModuleSettingsResponse>, Status> {
+        let account = AuthContext::of(&request)?.account()?;
+        let switches = self.store.get_or_create(account).await?;
+        Ok(Response::new(pb::GetModuleSettingsResponse {
+            settings: Some(to_proto(&switches)),
+        }))
+    }
+
+    async fn check_module(
+        &self,
+        request: Request<pb::CheckModuleRequest>,
+    ) -> Result<Response<pb::CheckModuleResponse>, Status> {
+        let account = AuthContext::of(&request)?.account()?;
+        let raw = request.get_ref().module;
+        let index = Module::try_from(raw)
+            .ok()
+            .and_then(modules::index)
+            .ok_or_else(|| {
+                SettingsError::field(
+                    "module",
+                    format!(
+                        "must name a module (MODULE_PLANNER … MODULE_PUBLISHER), got {}",
+                        Module::try_from(raw)
+                            .map(|m| m.as_str_name().to_owned())
+                            .unwrap_or_else(|_| raw.to_string())
+                    ),
+                )
+            })?;
+        let switches = self.store.cached(account).await?;
+        Ok(Response::new(pb::CheckModuleResponse {
+            module: raw,
+            enabled: switches.enabled[index],
+        }))
+    }
+
+    async fn update_module_settings(
+        &self,
+        request: Request<pb::UpdateModuleSettingsRequest>,
+    ) -> Result<Response<pb::UpdateModuleSettingsResponse>, Status> {
+        let account = AuthContext::of(&request)?.account()?;
+        let r = request.into_inner();
+        let changes = changes(r.settings.as_ref(), r.update_mask.as_ref())?;
+        let switches = if changes.iter().all(Option::is_none) {
+            self.store.get_or_create(account).await?
+        } else {
+            self.store.update(account, changes).await?
+        };
+        tracing::info!(account, ?changes, "module settings updated");
+        Ok(Response::new(pb::UpdateModuleSettingsResponse {
+            settings: Some(to_proto(&switches)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost_types::FieldMask;
+
+    use super::*;
+
+    fn mask(paths: &[&str]) -> Option<FieldMask> {
+        Some(FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        })
+    }
+
+    #[test]
+    fn masks() {
+        let s = pb::ModuleSettings {
+            writer_enabled: false,
+            planner_enabled: true,
+            ..Default::default()
+        };
+        let c = changes(Some(&s), mask(&["writer_enabled"]).as_ref()).unwrap();
+        assert_eq!(c[1], Some(false));
+        assert_eq!(c.iter().filter(|c| c.is_some()).count(), 1);
+
+        let all = changes(Some(&s), mask(&["*"]).as_ref()).unwrap();
+        assert!(all.iter().all(Option::is_some));
+
+        let implied = changes(Some(&s), mask(&[]).as_ref()).unwrap();
+        assert_eq!(implied[0], Some(true));
+        assert_eq!(implied.iter().filter(|c| c.is_some()).count(), 1);
+
+        for bad in [
+            &["nope"][..],
+            &["account_id"],
+            &["*", "writer_enabled"],
+            &["create_time"],
+        ] {
+            assert!(changes(Some(&s), mask(bad).as_ref()).is_err(), "{bad:?}");
+        }
+        assert!(changes(None, mask(&["writer_enabled"]).as_ref()).is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! The `module_settings` table, and the cache that keeps `CheckModule` off
+//! the database.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use igny8_db::{BeginWrite, Db, on_pool};
+use moka::future::Cache;
+
+use crate::error::SettingsError;
+
+/// How long a replica may answer from memory. An update made on this replica
+/// is visible at once (the cache is written through); one made on another
+/// replica within this bound.
+pub const CACHE_TTL: Duration = Duration::from_millis(500);
+
+/// One account's switches, in [`crate::modules::FIELDS`] order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switches {
+    /// The account.
+    pub account_id: i64,
+    /// Enabled flags, in module order.
+    pub enabled: [bool; 8],
+    /// When the row was created.
+    pub created_at: DateTime<Utc>,
+    /// When the row last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    account_id: i64,
+    planner_enabled: bool,
+    writer_enabled: bool,
+    thinker_enabled: bool,
+    automation_enabled: bool,
+    site_builder_enabled: bool,
+    linker_enabled: bool,
+    optimizer_enabled: bool,
+    publisher_enabled: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<Row> for Switches {
+    fn from(r: Row) -> Self {
+        Switches {
+            account_id: r.account_id,
+            enabled: [
+                r.planner_enabled,
+                r.writer_enabled,
+                r.thinker_enabled,
+                r.automation_enabled,
+                r.site_builder_enabled,
+                r.linker_enabled,
+                r.optimizer_enabled,
+                r.publisher_enabled,
+            ],
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+const SELECT: &str = "SELECT account_id, planner_enabled, writer_enabled, thinker_enabled, \
+     automation_enabled, site_builder_enabled, linker_enabled, optimizer_enabled, \
+     publisher_enabled, created_at, updated_at FROM module_settings WHERE account_id = $1";
+
+/// Creates the default row unless one exists; never fails on a race.
+const CREATE: &str = "INSERT INTO module_settings (account_id, created_at, updated_at) \
+     VALUES ($1, $2, $2) ON CONFLICT (account_id) DO NOTHING";
+
+/// Sets the switches given (NULL keeps the current value).
+const UPDATE: &str = "UPDATE module_settings SET \
+     planner_enabled = COALESCE($1, planner_enabled), \
+     writer_enabled = COALESCE($2, writer_enabled), \
+     thinker_enabled = COALESCE($3, thinker_enabled), \
+     automation_enabled = COALESCE($4, automation_enabled), \
+     site_builder_enabled = COALESCE($5, site_builder_enabled), \
+     linker_enabled = COALESCE($6, linker_enabled), \
+     optimizer_enabled = COALESCE($7, optimizer_enabled), \
+     publisher_enabled = COALESCE($8, publisher_enabled), \
+     updated_at = $9 WHERE account_id = $10 \
+     RETURNING account_id, planner_enabled, writer_enabled, thinker_enabled, \
+     automation_enabled, site_builder_enabled, linker_enabled, optimizer_enabled, \
+     publisher_enabled, created_at, updated_at";
+
+/// Module settings with a bounded-staleness read cache.
+#[derive(Clone)]
+pub struct SettingsStore {
+    db: Db,
+    cache: Cache<i64, Arc<Switches>>,
+}
+
+impl std::fmt::Debug for SettingsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SettingsStore").finish_non_exhaustive()
+    }
+}
+
+impl SettingsStore {
+    /// A store over this database, caching for `ttl`.
+    pub fn new(db: Db, ttl: Duration) -> Self {
+        Self {
+            db,
+            cache: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    /// The account's switches from the database, created with every module
+    /// enabled on first read. Refreshes the cache.
+    #[tracing::instrument(name = "settings.get_or_create", skip(self), err(level = "debug"))]
+    pub async fn get_or_create(&self, account: i64) -> Result<Arc<Switches>, SettingsError> {
+        let switches = Arc::new(self.load_or_create(account).await?);
+        self.cache.insert(account, switches.clone()).await;
+        Ok(switches)
+    }
+
+    /// The account's switches, from memory when fresh enough.
+    pub async fn cached(&self, account: i64) -> Result<Arc<Switches>, SettingsError> {
+        self.cache
+            .try_get_with(account, async move {
+                self.load_or_create(account).await.map(Arc::new)
+            })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn load_or_create(&self, account: i64) -> Result<Switches, SettingsError> {
+        let found: Option<Row> = on_pool!(&self.db, pool => sqlx::query_as(SELECT).bind(account).fetch_optional(pool).await)?;
+        if let Some(row) = found {
+            return Ok(row.into());
+        }
+        let now = Utc::now();
+        let row: Row = on_pool!(&self.db, pool => {
+            sqlx::query(CREATE).bind(account).bind(now).execute(pool).await?;
+            sqlx::query_as(SELECT).bind(account).fetch_one(pool).await
+        })?;
+        Ok(row.into())
+    }
+
+    /// Applies `changes` (one `Some` per switch to set) and returns the new
+    /// switches; creates the row first when needed. The cache is written
+    /// through, so this replica's next read sees the change.
+    #[tracing::instrument(name = "settings.update", skip(self), err(level = "debug"))]
+    pub async fn update(
+        &self,
+        account: i64,
+        changes: [Option<bool>; 8],
+    ) -> Result<Arc<Switches>, SettingsError> {
+        let now = Utc::now();
+        let row: Row = on_pool!(&self.db, pool => {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query(CREATE).bind(account).bind(now).execute(&mut *tx).await?;
+            let mut query = sqlx::query_as(UPDATE);
+            for change in changes {
+                query = query.bind(change);
+            }
+            let row = query.bind(now).bind(account).fetch_one(&mut *tx).await?;
+            tx.commit().await?;
+            row
+        });
+        let switches = Arc::new(Switches::from(row));
+        self.cache.insert(account, switches.clone()).await;
+        Ok(switches)
+    }
+}
