@@ -12,6 +12,15 @@ const PROTOS: &[&str] = &[
     "igny8/settings/v1/settings.proto",
 ];
 
+fn strip_json_names(msg: &mut prost_types::DescriptorProto) {
+    for field in &mut msg.field {
+        field.json_name = None;
+    }
+    for nested in &mut msg.nested_type {
+        strip_json_names(nested);
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     for proto in PROTOS {
@@ -19,7 +28,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(PROTOS, [&root])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    std::fs::write(out.join("igny8_descriptor.bin"), fds.encode_to_vec())?;
+    let mut served = fds.clone();
+    for file in &mut served.file {
+        for msg in &mut file.message_type {
+            strip_json_names(msg);
+        }
+    }
+    std::fs::write(out.join("igny8_descriptor.bin"), served.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

