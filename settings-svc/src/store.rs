@@ -1,7 +1,10 @@
 //! The `module_settings` table, and the cache that keeps `CheckModule` off
 //! the database.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use igny8_db::{BeginWrite, Db, on_pool};
@@ -85,11 +88,24 @@ const UPDATE: &str = "UPDATE module_settings SET \
      automation_enabled, site_builder_enabled, linker_enabled, optimizer_enabled, \
      publisher_enabled, created_at, updated_at";
 
+/// A cached copy and when the read that produced it started.
+#[derive(Clone)]
+struct Cached {
+    switches: Arc<Switches>,
+    read_started: Instant,
+}
+
 /// Module settings with a bounded-staleness read cache.
+///
+/// A copy is served only if no local write committed after the read that
+/// produced it began: a slow read racing an update can never put an older
+/// copy back in front of the update's result.
 #[derive(Clone)]
 pub struct SettingsStore {
     db: Db,
-    cache: Cache<i64, Arc<Switches>>,
+    cache: Cache<i64, Cached>,
+    /// When this replica last committed an update, per account.
+    writes: Cache<i64, Instant>,
 }
 
 impl std::fmt::Debug for SettingsStore {
@@ -107,26 +123,43 @@ impl SettingsStore {
                 .max_capacity(100_000)
                 .time_to_live(ttl)
                 .build(),
+            // A write only matters while a copy read before it could live.
+            writes: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl * 2)
+                .build(),
         }
+    }
+
+    async fn read(&self, account: i64) -> Result<Cached, SettingsError> {
+        let read_started = Instant::now();
+        let switches = Arc::new(self.load_or_create(account).await?);
+        Ok(Cached {
+            switches,
+            read_started,
+        })
     }
 
     /// The account's switches from the database, created with every module
     /// enabled on first read. Refreshes the cache.
     #[tracing::instrument(name = "settings.get_or_create", skip(self), err(level = "debug"))]
     pub async fn get_or_create(&self, account: i64) -> Result<Arc<Switches>, SettingsError> {
-        let switches = Arc::new(self.load_or_create(account).await?);
-        self.cache.insert(account, switches.clone()).await;
-        Ok(switches)
+        let fresh = self.read(account).await?;
+        self.cache.insert(account, fresh.clone()).await;
+        Ok(fresh.switches)
     }
 
     /// The account's switches, from memory when fresh enough.
     pub async fn cached(&self, account: i64) -> Result<Arc<Switches>, SettingsError> {
-        self.cache
-            .try_get_with(account, async move {
-                self.load_or_create(account).await.map(Arc::new)
-            })
+        let entry = self
+            .cache
+            .try_get_with(account, self.read(account))
             .await
-            .map_err(|e| (*e).clone())
+            .map_err(|e| (*e).clone())?;
+        match self.writes.get(&account).await {
+            Some(written) if written > entry.read_started => self.get_or_create(account).await,
+            _ => Ok(entry.switches),
+        }
     }
 
     async fn load_or_create(&self, account: i64) -> Result<Switches, SettingsError> {
@@ -164,7 +197,17 @@ impl SettingsStore {
             row
         });
         let switches = Arc::new(Switches::from(row));
-        self.cache.insert(account, switches.clone()).await;
+        let committed = Instant::now();
+        self.writes.insert(account, committed).await;
+        self.cache
+            .insert(
+                account,
+                Cached {
+                    switches: switches.clone(),
+                    read_started: committed,
+                },
+            )
+            .await;
         Ok(switches)
     }
 }
