@@ -278,6 +278,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_the_builtin_table() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/cost-table.example.toml");
+        let example = CostTable::from_file(&path).unwrap();
+        assert_eq!(example.rows(), CostTable::builtin().rows());
+    }
+
+    #[test]
     fn modules_follow_the_spec() {
         let t = CostTable::builtin();
         for (op, module) in [
