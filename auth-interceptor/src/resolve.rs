@@ -70,16 +70,16 @@ impl Resolver {
                 if act_as.is_some() && role != Role::Developer {
                     return Err(AuthError::ActAsForbidden);
                 }
-                if act_as.is_none() {
-                    if let Some(hint) = account_hint.filter(|h| Some(*h) != user.account_id) {
-                        self.metrics.mismatch();
-                        tracing::warn!(
-                            user_id = user.id,
-                            token_account_id = hint,
-                            current_account_id = ?user.account_id,
-                            "stale token: account_id differs from the user's current account; using the current one"
-                        );
-                    }
+                if let (None, Some(hint)) =
+                    (act_as, account_hint.filter(|h| Some(*h) != user.account_id))
+                {
+                    self.metrics.mismatch();
+                    tracing::warn!(
+                        user_id = user.id,
+                        token_account_id = hint,
+                        current_account_id = ?user.account_id,
+                        "stale token: account_id differs from the user's current account; using the current one"
+                    );
                 }
                 let target = match (act_as, user.account_id) {
                     (Some(target), _) | (None, Some(target)) => target,

@@ -101,7 +101,7 @@ struct PinnedKey {
 
 enum Keys {
     /// One key for every token (`kid` ignored).
-    Single(PinnedKey),
+    Single(Box<PinnedKey>),
     /// Keys by `kid`.
     ByKid(HashMap<String, PinnedKey>),
 }
@@ -147,14 +147,12 @@ impl TokenVerifier {
                 if secret.expose().len() < 32 {
                     tracing::warn!("the HS256 secret is shorter than 32 bytes; use a longer one");
                 }
-                Keys::Single(pin(
-                    DecodingKey::from_secret(secret.expose()),
-                    Algorithm::HS256,
-                ))
+                let key = DecodingKey::from_secret(secret.expose());
+                Keys::Single(Box::new(pin(key, Algorithm::HS256)))
             }
             KeyConfig::PublicKeyPem(pem) => {
                 let (key, alg) = pem_key(pem)?;
-                Keys::Single(pin(key, alg))
+                Keys::Single(Box::new(pin(key, alg)))
             }
             KeyConfig::Jwks(doc) => {
                 let set: JwkSet =
