@@ -26,7 +26,11 @@ impl Grpcurl {
         args.extend_from_slice(extra);
         args.extend_from_slice(&["-d", data, self.addr.as_str(), method]);
         let out = self.run(&args);
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status.success(), text)
     }
 
@@ -39,7 +43,11 @@ impl Grpcurl {
     /// `grpcurl -plaintext ADDR <args>` (list, describe).
     fn text(&self, args: &[&str]) -> String {
         let out = self.run(&[&[self.addr.as_str()], args].concat());
-        assert!(out.status.success(), "grpcurl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -49,25 +57,57 @@ async fn grpcurl_drives_billing_through_reflection() {
     let db = TestDb::new(Backend::Postgres).await;
     db.account(1).credits(100).create().await;
     db.user(10).account(1).role("editor").create().await;
-    let server = Process::start("billing-svc", igny8_proto::BILLING_SERVICE_NAME, &db.url, &[]).await;
-    let g = Grpcurl { addr: server.addr.to_string(), token: access_token(10, None) };
+    let server = Process::start(
+        "billing-svc",
+        igny8_proto::BILLING_SERVICE_NAME,
+        &db.url,
+        &[],
+    )
+    .await;
+    let g = Grpcurl {
+        addr: server.addr.to_string(),
+        token: access_token(10, None),
+    };
 
     let list = g.text(&["list"]);
     assert!(list.contains("igny8.billing.v1.BillingService"), "{list}");
     assert!(list.contains("grpc.health.v1.Health"), "{list}");
-    assert!(!list.contains("igny8.settings.v1"), "billing lists only its own service: {list}");
+    assert!(
+        !list.contains("igny8.settings.v1"),
+        "billing lists only its own service: {list}"
+    );
     let methods = g.text(&["list", "igny8.billing.v1.BillingService"]);
-    for m in ["GetCreditCost", "ListCreditCosts", "Check", "Deduct", "GetBalance", "ListTransactions", "Grant"] {
-        assert!(methods.contains(&format!("igny8.billing.v1.BillingService.{m}")), "{methods}");
+    for m in [
+        "GetCreditCost",
+        "ListCreditCosts",
+        "Check",
+        "Deduct",
+        "GetBalance",
+        "ListTransactions",
+        "Grant",
+    ] {
+        assert!(
+            methods.contains(&format!("igny8.billing.v1.BillingService.{m}")),
+            "{methods}"
+        );
     }
     let svc = g.text(&["describe", "igny8.billing.v1.BillingService"]);
     assert!(svc.contains("rpc Deduct ( .igny8.billing.v1.DeductRequest ) returns ( .igny8.billing.v1.DeductResponse )"), "{svc}");
     let msg = g.text(&["describe", "igny8.billing.v1.DeductRequest"]);
-    assert!(msg.contains("idempotency_key") && msg.contains("oneof cost"), "{msg}");
+    assert!(
+        msg.contains("idempotency_key") && msg.contains("oneof cost"),
+        "{msg}"
+    );
     let tx = g.text(&["describe", "igny8.billing.v1.Transaction"]);
-    assert!(tx.contains(".google.protobuf.Timestamp create_time"), "{tx}");
+    assert!(
+        tx.contains(".google.protobuf.Timestamp create_time"),
+        "{tx}"
+    );
 
-    let cost = g.ok("igny8.billing.v1.BillingService/GetCreditCost", r#"{"operation":"content","quantity":250}"#);
+    let cost = g.ok(
+        "igny8.billing.v1.BillingService/GetCreditCost",
+        r#"{"operation":"content","quantity":250}"#,
+    );
     assert_eq!(cost["operation"], "content_generation");
     assert_eq!(cost["credits"], "2");
     assert_eq!(cost["unit"], "word");
@@ -95,12 +135,28 @@ async fn grpcurl_drives_billing_through_reflection() {
     assert!(ok, "{verbose}");
     assert!(verbose.contains("x-igny8-account-id: 1"), "{verbose}");
 
-    let (ok, text) = g.call(&[], "igny8.billing.v1.BillingService/Deduct", r#"{"credits":1000,"idempotency_key":"too-much"}"#);
+    let (ok, text) = g.call(
+        &[],
+        "igny8.billing.v1.BillingService/Deduct",
+        r#"{"credits":1000,"idempotency_key":"too-much"}"#,
+    );
     assert!(!ok);
-    assert!(text.contains("FailedPrecondition") && text.contains("Insufficient credits. Required: 1000, Available: 90"), "{text}");
+    assert!(
+        text.contains("FailedPrecondition")
+            && text.contains("Insufficient credits. Required: 1000, Available: 90"),
+        "{text}"
+    );
 
-    let anonymous = Grpcurl { addr: g.addr.clone(), token: String::new() };
-    let out = anonymous.run(&["-d", r#"{"operation":"linking"}"#, &g.addr, "igny8.billing.v1.BillingService/GetCreditCost"]);
+    let anonymous = Grpcurl {
+        addr: g.addr.clone(),
+        token: String::new(),
+    };
+    let out = anonymous.run(&[
+        "-d",
+        r#"{"operation":"linking"}"#,
+        &g.addr,
+        "igny8.billing.v1.BillingService/GetCreditCost",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
     // Health needs no token.
@@ -113,8 +169,17 @@ async fn grpcurl_drives_settings_through_reflection() {
     let db = TestDb::new(Backend::Sqlite).await;
     db.account(1).create().await;
     db.user(10).account(1).role("admin").create().await;
-    let server = Process::start("settings-svc", igny8_proto::SETTINGS_SERVICE_NAME, &db.url, &[]).await;
-    let g = Grpcurl { addr: server.addr.to_string(), token: access_token(10, None) };
+    let server = Process::start(
+        "settings-svc",
+        igny8_proto::SETTINGS_SERVICE_NAME,
+        &db.url,
+        &[],
+    )
+    .await;
+    let g = Grpcurl {
+        addr: server.addr.to_string(),
+        token: access_token(10, None),
+    };
 
     let list = g.text(&["list"]);
     assert!(list.contains("igny8.settings.v1.SettingsService"), "{list}");
@@ -126,23 +191,41 @@ async fn grpcurl_drives_settings_through_reflection() {
     let s = g.ok("igny8.settings.v1.SettingsService/GetModuleSettings", "{}");
     assert_eq!(s["settings"]["writer_enabled"], true, "{s}");
     assert_eq!(s["settings"]["account_id"], "1");
-    let c = g.ok("igny8.settings.v1.SettingsService/CheckModule", r#"{"module":"MODULE_WRITER"}"#);
+    let c = g.ok(
+        "igny8.settings.v1.SettingsService/CheckModule",
+        r#"{"module":"MODULE_WRITER"}"#,
+    );
     assert_eq!(c["enabled"], true);
     let u = g.ok(
         "igny8.settings.v1.SettingsService/UpdateModuleSettings",
         r#"{"settings":{"writer_enabled":false},"update_mask":{"paths":["writer_enabled"]}}"#,
     );
-    assert!(u["settings"].get("writer_enabled").is_none_or(|v| v == false), "{u}");
+    assert!(
+        u["settings"]
+            .get("writer_enabled")
+            .is_none_or(|v| v == false),
+        "{u}"
+    );
     assert_eq!(u["settings"]["planner_enabled"], true);
-    let c = g.ok("igny8.settings.v1.SettingsService/CheckModule", r#"{"module":"MODULE_WRITER"}"#);
+    let c = g.ok(
+        "igny8.settings.v1.SettingsService/CheckModule",
+        r#"{"module":"MODULE_WRITER"}"#,
+    );
     assert!(c.get("enabled").is_none_or(|v| v == false), "{c}");
 
-    let (ok, text) = g.call(&[], "igny8.settings.v1.SettingsService/CheckModule", r#"{"module":"MODULE_UNSPECIFIED"}"#);
+    let (ok, text) = g.call(
+        &[],
+        "igny8.settings.v1.SettingsService/CheckModule",
+        r#"{"module":"MODULE_UNSPECIFIED"}"#,
+    );
     assert!(!ok && text.contains("InvalidArgument"), "{text}");
     let (ok, text) = g.call(
         &[],
         "igny8.settings.v1.SettingsService/UpdateModuleSettings",
         r#"{"settings":{"writer_enabled":true},"update_mask":{"paths":["bogus_enabled"]}}"#,
     );
-    assert!(!ok && text.contains("InvalidArgument") && text.contains("bogus_enabled"), "{text}");
+    assert!(
+        !ok && text.contains("InvalidArgument") && text.contains("bogus_enabled"),
+        "{text}"
+    );
 }
