@@ -47,7 +47,7 @@ impl FromStr for Role {
     /// Parses a directory role. `service` is not a directory role: only a
     /// service token makes a service principal.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
+        match s.trim().to_ascii_lowercase().as_str() {
             "owner" => Ok(Role::Owner),
             "admin" => Ok(Role::Admin),
             "editor" => Ok(Role::Editor),

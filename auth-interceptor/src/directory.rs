@@ -156,3 +156,83 @@ impl<D: Directory> Directory for CachedDirectory<D> {
             .map_err(|e| (*e).clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+
+    /// Counts loads; the test flips `active` and `down`.
+    #[derive(Default)]
+    struct Counting {
+        loads: AtomicUsize,
+        active: Mutex<bool>,
+        down: Mutex<bool>,
+    }
+
+    #[async_trait]
+    impl Directory for Counting {
+        async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if *self.down.lock().unwrap() {
+                return Err(DirectoryError("down".into()));
+            }
+            Ok(Some(UserRecord {
+                id,
+                account_id: Some(1),
+                role: "owner".into(),
+                is_active: *self.active.lock().unwrap(),
+            }))
+        }
+        async fn account(&self, _: i64) -> Result<Option<AccountRecord>, DirectoryError> {
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_are_reused_within_the_ttl_then_refreshed() {
+        let inner = Arc::new(Counting::default());
+        *inner.active.lock().unwrap() = true;
+        let cached = CachedDirectory::new(inner.clone(), Duration::from_millis(200));
+        assert!(cached.user(1).await.unwrap().unwrap().is_active);
+        *inner.active.lock().unwrap() = false;
+        assert!(
+            cached.user(1).await.unwrap().unwrap().is_active,
+            "served from memory"
+        );
+        assert_eq!(inner.loads.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !cached.user(1).await.unwrap().unwrap().is_active,
+            "refreshed after the ttl"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_cached_and_concurrent_misses_share_a_load() {
+        let inner = Arc::new(Counting::default());
+        *inner.down.lock().unwrap() = true;
+        let cached = Arc::new(CachedDirectory::new(inner.clone(), DEFAULT_CACHE_TTL));
+        assert!(cached.user(1).await.is_err());
+        *inner.down.lock().unwrap() = false;
+        assert!(
+            cached.user(1).await.is_ok(),
+            "the failure was not remembered"
+        );
+
+        let before = inner.loads.load(Ordering::SeqCst);
+        let calls = (0..10).map(|_| {
+            let c = cached.clone();
+            tokio::spawn(async move { c.user(2).await })
+        });
+        for call in calls.collect::<Vec<_>>() {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(inner.loads.load(Ordering::SeqCst) - before, 1);
+    }
+}

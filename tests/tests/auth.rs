@@ -43,6 +43,8 @@ async fn directory(b: Backend) -> TestDb {
         .create()
         .await;
     db.user(18).account(SUSPENDED).role("owner").create().await;
+    db.user(19).account(A1).role("superuser").create().await;
+    db.user(20).account(A1).role(" Editor ").create().await;
     db
 }
 

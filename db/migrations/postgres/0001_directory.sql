@@ -2,7 +2,7 @@
 -- writes them; the services read them (billing also moves accounts.credits).
 CREATE TABLE IF NOT EXISTS accounts (
     id          BIGINT PRIMARY KEY,
-    name        TEXT NOT NULL,
+    name        TEXT NOT NULL DEFAULT '',
     status      TEXT NOT NULL DEFAULT 'active'
                 CONSTRAINT accounts_status_known CHECK (status IN ('active', 'suspended')),
     -- The last line of defence for "a balance never goes below zero".
@@ -15,11 +15,12 @@ CREATE TABLE IF NOT EXISTS accounts (
 CREATE TABLE IF NOT EXISTS users (
     id          BIGINT PRIMARY KEY,
     account_id  BIGINT NULL REFERENCES accounts (id) ON DELETE SET NULL,
-    role        TEXT NOT NULL
-                CONSTRAINT users_role_known
-                CHECK (role IN ('owner', 'admin', 'editor', 'viewer', 'developer')),
+    -- owner, admin, editor, viewer or developer. Deliberately not a CHECK:
+    -- the platform owns this table; a role the services do not know is
+    -- refused at call time (fail closed) instead of breaking its writes.
+    role        TEXT NOT NULL,
     is_active   BOOLEAN NOT NULL DEFAULT TRUE,
-    email       TEXT NOT NULL,
+    email       TEXT NULL,
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
