@@ -98,6 +98,21 @@ impl Fingerprint<'_> {
     }
 }
 
+/// The request fingerprint of a grant of `credits` for `reason`: what tells
+/// a retried grant (replayed) from a reused idempotency key (refused). Public
+/// so that every writer of grants (the `Grant` RPC, the operator CLI) agrees.
+pub fn grant_fingerprint(credits: i64, reason: &str) -> String {
+    Fingerprint {
+        kind: "grant",
+        credits: Some(credits),
+        operation: "",
+        quantity: 0,
+        description: reason,
+        metadata: &BTreeMap::new(),
+    }
+    .hash()
+}
+
 impl Billing {
     /// A service over this table and ledger; page tokens are keyed with
     /// `page_token_key`.
@@ -408,16 +423,7 @@ impl BillingService for Billing {
         }
         check_key(&r.idempotency_key)?;
         check_text("reason", &r.reason, true)?;
-        let metadata = BTreeMap::new();
-        let request_hash = Fingerprint {
-            kind: "grant",
-            credits: Some(r.credits),
-            operation: "",
-            quantity: 0,
-            description: &r.reason,
-            metadata: &metadata,
-        }
-        .hash();
+        let request_hash = grant_fingerprint(r.credits, &r.reason);
         let applied = self
             .ledger
             .apply(
@@ -428,7 +434,7 @@ impl BillingService for Billing {
                     operation: String::new(),
                     quantity: 0,
                     description: r.reason,
-                    metadata,
+                    metadata: BTreeMap::new(),
                     idempotency_key: r.idempotency_key,
                     request_hash,
                     actor,

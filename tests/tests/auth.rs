@@ -633,3 +633,40 @@ on_both_backends!(
     bad_tokens_are_unauthenticated,
     permission_matrix,
 );
+
+/// Tokens never appear in logs, even at debug level and on failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_never_reach_logs() {
+    let db = directory(Backend::Sqlite).await;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let server = Process::start_logging(
+        "billing-svc",
+        igny8_proto::BILLING_SERVICE_NAME,
+        &db.url,
+        &[("RUST_LOG", "debug"), ("IGNY8_LOG_FORMAT", "json")],
+        log.reopen().unwrap().into(),
+    )
+    .await;
+    let running_addr = format!("http://{}", server.addr);
+    let channel = tonic::transport::Channel::from_shared(running_addr).unwrap().connect().await.unwrap();
+    let good = access_token(13, Some(A2)); // a stale hint: logged as a mismatch
+    let expired = sign(&json!({"type": "access", "user_id": 13, "exp": unix_now() - 3600}));
+    let foreign = access_token(999, None);
+    for token in [&good, &expired, &foreign] {
+        let mut c = igny8_proto::billing::v1::billing_service_client::BillingServiceClient::with_interceptor(
+            channel.clone(),
+            auth_interceptor::BearerInterceptor::new(token.as_str()).unwrap(),
+        );
+        let _ = c.get_balance(GetBalanceRequest {}).await;
+        let _ = c
+            .deduct(DeductRequest { cost: Some(deduct_request::Cost::Credits(1)), idempotency_key: "k".into(), ..Default::default() })
+            .await;
+    }
+    drop(server);
+    let logs = std::fs::read_to_string(log.path()).unwrap();
+    assert!(logs.contains("stale token"), "the mismatch is logged: {logs}");
+    for token in [&good, &expired, &foreign] {
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(!logs.contains(signature), "a token reached the logs");
+    }
+}

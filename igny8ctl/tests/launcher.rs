@@ -1,0 +1,406 @@
+//! `igny8ctl dev` as a newcomer runs it: a subprocess in an empty directory,
+//! its printed grpcurl calls run as printed with the real grpcurl, stopped
+//! with a signal, started again on the same data.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use common::{field, igny8ctl, run};
+use serde_json::Value;
+
+/// Bound on start-up (first start creates and migrates the database).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on a clean stop after a signal.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `igny8ctl dev` and what it printed up to its ready line.
+struct Launcher {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    banner: Vec<String>,
+    billing: SocketAddr,
+    settings: SocketAddr,
+}
+
+impl Launcher {
+    /// Starts `igny8ctl dev` in `dir` on ports the OS picks, and waits for
+    /// its ready line.
+    fn start(dir: &Path, env: &[(&str, &str)]) -> Launcher {
+        let mut cmd = igny8ctl(dir);
+        cmd.args([
+            "dev",
+            "--billing-addr",
+            "127.0.0.1:0",
+            "--settings-addr",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start igny8ctl dev");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let mut pipe = child.stderr.take().expect("stderr");
+            let stderr = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut banner = Vec::new();
+        let ready = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.starts_with("ready: ") => break line,
+                Ok(line) => banner.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    panic!(
+                        "igny8ctl dev printed no ready line within {START_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+                        banner.join("\n"),
+                        stderr.lock().unwrap()
+                    );
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().expect("wait");
+                    std::thread::sleep(Duration::from_millis(100));
+                    panic!(
+                        "igny8ctl dev exited ({status}) before it was ready\nstdout:\n{}\nstderr:\n{}",
+                        banner.join("\n"),
+                        stderr.lock().unwrap()
+                    );
+                }
+            }
+        };
+        let addr = |name: &str| -> SocketAddr {
+            ready
+                .split_whitespace()
+                .find_map(|part| part.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name}= in {ready:?}"))
+                .parse()
+                .unwrap_or_else(|e| panic!("{name} address in {ready:?}: {e}"))
+        };
+        Launcher {
+            billing: addr("billing"),
+            settings: addr("settings"),
+            child,
+            stderr,
+            banner,
+        }
+    }
+
+    /// The token from the `export IGNY8_TOKEN=…` line.
+    fn token(&self) -> String {
+        self.banner
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("export IGNY8_TOKEN="))
+            .unwrap_or_else(|| panic!("no export line in:\n{}", self.banner.join("\n")))
+            .to_owned()
+    }
+
+    /// The printed grpcurl call whose line ends with `suffix`.
+    fn call(&self, suffix: &str) -> String {
+        self.banner
+            .iter()
+            .map(|l| l.trim())
+            .find(|l| l.starts_with("grpcurl ") && l.ends_with(suffix))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no printed grpcurl call ending with {suffix:?} in:\n{}",
+                    self.banner.join("\n")
+                )
+            })
+            .to_owned()
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.banner
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| l.starts_with("grpcurl "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends `signal` with `kill` and waits (bounded) for the exit.
+    fn stop(mut self, signal: &str) -> (ExitStatus, String) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+        let status = wait_exit(&mut self.child, STOP_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "igny8ctl dev did not exit within {STOP_TIMEOUT:?} of SIG{signal}\nstderr:\n{}",
+                self.stderr()
+            )
+        });
+        // Let the reader thread take the last of stderr.
+        std::thread::sleep(Duration::from_millis(200));
+        let stderr = self.stderr();
+        (status, stderr)
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits at most `timeout` for `child` to exit.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
+/// Runs a printed line exactly as a shell would, with the real grpcurl on
+/// PATH. Returns stdout; panics with the output when it fails.
+fn sh(line: &str) -> String {
+    let grpcurl = igny8_tests::grpcurl();
+    let dir = grpcurl.parent().expect("grpcurl dir");
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("sh")
+        .args(["-c", line])
+        .env("PATH", path)
+        .output()
+        .expect("run sh");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "printed call failed ({}):\n{line}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn sh_json(line: &str) -> Value {
+    let text = sh(line);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+fn secret_file(dir: &Path) -> PathBuf {
+    dir.join(".igny8-dev-secret")
+}
+
+#[test]
+fn dev_prints_calls_that_work_and_a_restart_reuses_the_data() {
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    // First start: an empty directory.
+    let first = Launcher::start(dir.path(), &[]);
+    let stderr = first.stderr();
+    assert!(
+        stderr.contains("DEVELOPMENT SECRET"),
+        "the generated secret must be announced loudly:\n{stderr}"
+    );
+    assert!(dir.path().join("igny8.db").is_file(), "SQLite default file");
+    let secret = std::fs::read_to_string(secret_file(dir.path())).expect("dev secret file");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(secret_file(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the dev secret is private");
+    }
+    let banner = first.banner.join("\n");
+    for needle in [
+        format!("billing   listening on {}", first.billing),
+        format!("settings  listening on {}", first.settings),
+        "(created now)".to_owned(),
+    ] {
+        assert!(banner.contains(&needle), "{needle:?} in:\n{banner}");
+    }
+    assert_eq!(first.calls().len(), 5, "{banner}");
+    let token = first.token();
+    for call in first.calls() {
+        if call.contains("Bearer") {
+            assert!(
+                call.contains(&token),
+                "calls carry the printed token: {call}"
+            );
+        }
+    }
+
+    let list = sh(&first.call(" list"));
+    assert!(list.contains("igny8.billing.v1.BillingService"), "{list}");
+    let balance = sh_json(&first.call("/GetBalance"));
+    assert_eq!(field(&balance, "account_id"), "1", "{balance}");
+    assert_eq!(field(&balance, "balance"), "1000", "{balance}");
+    let cost = sh_json(&first.call("/GetCreditCost"));
+    assert_eq!(field(&cost, "operation"), "content_generation", "{cost}");
+    assert_eq!(field(&cost, "credits"), "2", "{cost}");
+    let deduct = sh_json(&first.call("/Deduct"));
+    assert_eq!(field(&deduct, "balance"), "998", "{deduct}");
+    assert_ne!(field(&deduct, "replayed"), true, "{deduct}");
+    let module = sh_json(&first.call("/CheckModule"));
+    assert_eq!(field(&module, "module"), "MODULE_WRITER", "{module}");
+    assert_eq!(field(&module, "enabled"), true, "{module}");
+
+    let old_balance_call = first.call("/GetBalance");
+    let old_billing = first.billing;
+    let (status, stderr) = first.stop("INT");
+    assert!(status.success(), "Ctrl-C exits 0, got {status}\n{stderr}");
+    assert!(stderr.contains("both services stopped cleanly"), "{stderr}");
+
+    // Second start: same directory, same database, same secret.
+    let second = Launcher::start(dir.path(), &[]);
+    assert_eq!(
+        std::fs::read_to_string(secret_file(dir.path())).unwrap(),
+        secret,
+        "the dev secret is reused, not regenerated"
+    );
+    let banner = second.banner.join("\n");
+    assert!(
+        !banner.contains("(created now)"),
+        "no demo row is created twice:\n{banner}"
+    );
+    assert!(
+        banner.contains("balance 998 credits"),
+        "the earlier Deduct is remembered:\n{banner}"
+    );
+
+    // The first run's token still works.
+    let old_token_call =
+        old_balance_call.replace(&old_billing.to_string(), &second.billing.to_string());
+    let balance = sh_json(&old_token_call);
+    assert_eq!(field(&balance, "balance"), "998", "{balance}");
+
+    // The printed Deduct is idempotent across restarts.
+    let replay = sh_json(&second.call("/Deduct"));
+    assert_eq!(field(&replay, "replayed"), true, "{replay}");
+    assert_eq!(field(&replay, "balance"), "998", "{replay}");
+
+    // One grant and one deduction in the ledger: nothing seeded twice.
+    let shown = run(igny8ctl(dir.path()).args(["balance", "--account", "1"]));
+    let out = shown.ok();
+    assert!(out.contains("\"Demo\" (active): 998 credits"), "{out}");
+    assert!(out.contains("ledger: 2 rows summing to 998"), "{out}");
+
+    // The operator CLI mints with the same development secret.
+    let minted = run(igny8ctl(dir.path()).args(["token", "user", "--id", "1"]));
+    let fresh = minted.ok().trim().to_owned();
+    assert!(minted.stderr.contains("DEVELOPMENT"), "{}", minted.stderr);
+    let call = second.call("/GetBalance").replace(&second.token(), &fresh);
+    assert_eq!(field(&sh_json(&call), "balance"), "998");
+
+    let (status, stderr) = second.stop("TERM");
+    assert!(status.success(), "SIGTERM exits 0, got {status}\n{stderr}");
+}
+
+#[test]
+fn dev_honours_database_url_and_jwt_secret() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("custom.db");
+    let url = format!("sqlite://{}", db.display());
+    let launcher = Launcher::start(
+        dir.path(),
+        &[
+            ("DATABASE_URL", &url),
+            (
+                "IGNY8_JWT_SECRET",
+                "an-operator-chosen-secret-0123456789abcdef",
+            ),
+        ],
+    );
+    let stderr = launcher.stderr();
+    assert!(!stderr.contains("DEVELOPMENT SECRET"), "{stderr}");
+    assert!(stderr.contains("IGNY8_JWT_SECRET"), "{stderr}");
+    assert!(db.is_file(), "DATABASE_URL is used");
+    assert!(
+        !dir.path().join("igny8.db").exists(),
+        "not the default file"
+    );
+    assert!(
+        !secret_file(dir.path()).exists(),
+        "no dev secret when one is configured"
+    );
+    let balance = sh_json(&launcher.call("/GetBalance"));
+    assert_eq!(field(&balance, "balance"), "1000", "{balance}");
+    let (status, stderr) = launcher.stop("TERM");
+    assert!(status.success(), "{status}\n{stderr}");
+}
+
+#[test]
+fn dev_explains_a_busy_port() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut child = igny8ctl(dir.path())
+        .args([
+            "dev",
+            "--billing-addr",
+            &addr,
+            "--settings-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start igny8ctl dev");
+    let status = wait_exit(&mut child, START_TIMEOUT)
+        .unwrap_or_else(|| panic!("igny8ctl dev kept running on a busy port"));
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("--billing-addr"),
+        "the error names the address and the flag to change it:\n{stderr}"
+    );
+    drop(taken);
+}
