@@ -1,16 +1,21 @@
-//! The client side: attach a bearer token (and act-as) to outgoing calls.
+//! The client side: attach a bearer token (and act-as) to outgoing calls,
+//! and the caller's trace context so the callee's spans join its trace.
 
+use opentelemetry::propagation::Injector;
 use tonic::{
     Request, Status,
-    metadata::{AsciiMetadataValue, MetadataValue},
+    metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap, MetadataValue},
     service::Interceptor,
 };
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{layer::headers, secret::BearerToken};
 
 /// A tonic client interceptor for internal callers: sets
-/// `authorization: Bearer <token>` and, when configured,
-/// `x-igny8-act-as-account`.
+/// `authorization: Bearer <token>`, when configured
+/// `x-igny8-act-as-account`, and W3C `traceparent`/`tracestate` from the
+/// current `tracing` span (when the process exports traces; see
+/// `service_kit::telemetry`), so the call continues the caller's trace.
 ///
 /// ```ignore
 /// let client = BillingServiceClient::with_interceptor(
@@ -73,6 +78,31 @@ impl Interceptor for BearerInterceptor {
         if let Some(act_as) = &self.act_as {
             metadata.insert(headers::ACT_AS, act_as.clone());
         }
+        inject_trace_context(metadata);
         Ok(request)
+    }
+}
+
+/// Writes the current span's context with the process's propagator. Without
+/// trace export there is no valid span context and nothing is written.
+fn inject_trace_context(metadata: &mut MetadataMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut MetadataInjector(metadata));
+    });
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        // Propagators emit lowercase ASCII names and values; anything else
+        // cannot travel as metadata and is dropped rather than failing the call.
+        if let (Ok(key), Ok(value)) = (
+            key.parse::<AsciiMetadataKey>(),
+            AsciiMetadataValue::try_from(value),
+        ) {
+            self.0.insert(key, value);
+        }
     }
 }

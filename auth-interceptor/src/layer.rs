@@ -214,6 +214,11 @@ where
             strip_identity(headers);
             set_identity(headers, &ctx);
             let account = ctx.account_id;
+            if let Some(account) = account {
+                // The server stack's RPC span declares this field; recording
+                // it here puts the authoritative tenant on the trace.
+                tracing::Span::current().record("igny8.account_id", account);
+            }
             request.extensions_mut().insert(ctx);
             let mut response = inner.call(request).await?;
             if let Some(account) = account {

@@ -3,13 +3,15 @@
 //!
 //! The request path reads top to bottom: transport and auth
 //! ([`service_kit::Server`]) → handler ([`service::Billing`]) → pricing
-//! ([`costs::CostTable`]) → store ([`ledger::Ledger`]).
+//! ([`costs::CostTable`]) → store ([`ledger::Ledger`]). [`metrics::Metered`]
+//! sits between transport and handler to count deduct outcomes.
 
 #![forbid(unsafe_code)]
 
 pub mod costs;
 pub mod error;
 pub mod ledger;
+pub mod metrics;
 pub mod page_token;
 pub mod service;
 
@@ -45,6 +47,7 @@ pub fn cost_table_from_env() -> Result<CostTable, String> {
 pub struct App {
     server: Server,
     billing: Billing,
+    deducts: metrics::DeductMetrics,
 }
 
 impl App {
@@ -56,13 +59,19 @@ impl App {
             KeyConfig::PublicKeyPem(pem) => pem.clone(),
             KeyConfig::Jwks(doc) => doc.clone().into_bytes(),
         };
-        let server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
+        let mut server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
         let billing = Billing::new(
             Arc::new(table),
             ledger::Ledger::new(server.db().clone()),
             &key_material,
         );
-        Ok(Self { server, billing })
+        let deducts = metrics::DeductMetrics::default();
+        deducts.register(server.metrics_registry());
+        Ok(Self {
+            server,
+            billing,
+            deducts,
+        })
     }
 
     /// The bound gRPC address.
@@ -70,13 +79,19 @@ impl App {
         self.server.local_addr()
     }
 
+    /// The bound metrics address, when `IGNY8_METRICS_ADDR` is not `off`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.metrics_addr()
+    }
+
     /// Serves until `shutdown` completes, then drains.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
+        let service = metrics::Metered::new(self.billing, self.deducts);
         self.server
-            .serve(BillingServiceServer::new(self.billing), shutdown)
+            .serve(BillingServiceServer::new(service), shutdown)
             .await
     }
 }

@@ -159,8 +159,33 @@ impl ServiceConfig {
                 v => Duration::from_millis(parse_num("IGNY8_DIRECTORY_CACHE_MS", v, 0, 0..=1000)?),
             },
             log_format,
-            otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            otlp_endpoint: parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT"))?,
         })
+    }
+}
+
+/// The collector address for OTLP over gRPC. Only plaintext `http://` is
+/// accepted: the build carries no TLS stack (collectors are reached inside
+/// the cluster or through a local agent), and an `https://` endpoint would
+/// otherwise fail on every export instead of at start-up.
+fn parse_otlp_endpoint(value: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let value = value.trim().to_owned();
+    let uri: http::Uri = value.parse().map_err(|_| {
+        ConfigError(format!(
+            "OTEL_EXPORTER_OTLP_ENDPOINT must be a URL such as http://otel-collector:4317, got {value:?}"
+        ))
+    })?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http"), Some(_)) => Ok(Some(value)),
+        (Some("https"), _) => Err(ConfigError(format!(
+            "OTEL_EXPORTER_OTLP_ENDPOINT: https is not supported by this build (no TLS); use a plaintext http:// collector or a local agent, got {value:?}"
+        ))),
+        _ => Err(ConfigError(format!(
+            "OTEL_EXPORTER_OTLP_ENDPOINT must be an http://host:port URL (OTLP/gRPC, usually port 4317), got {value:?}"
+        ))),
     }
 }
 
@@ -234,6 +259,28 @@ mod tests {
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:50051");
         assert_eq!(c.jwt.leeway, Duration::from_secs(30));
         assert!(c.run_migrations);
+        assert_eq!(c.metrics_addr.unwrap().to_string(), "0.0.0.0:9101");
+        assert_eq!(c.otlp_endpoint, None);
+    }
+
+    #[test]
+    fn observability_settings() {
+        let c = load(&[
+            ("IGNY8_JWT_SECRET", "s"),
+            ("IGNY8_METRICS_ADDR", "off"),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://otel-collector.monitoring:4317",
+            ),
+            ("IGNY8_LOG_FORMAT", "json"),
+        ])
+        .unwrap();
+        assert_eq!(c.metrics_addr, None);
+        assert_eq!(
+            c.otlp_endpoint.as_deref(),
+            Some("http://otel-collector.monitoring:4317")
+        );
+        assert_eq!(c.log_format, LogFormat::Json);
     }
 
     #[test]
@@ -263,6 +310,20 @@ mod tests {
             (
                 vec![("IGNY8_JWT_PUBLIC_KEY_FILE", "/definitely/missing.pem")],
                 "missing.pem",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+                ],
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+                ],
+                "https",
             ),
         ] {
             let err = load(&pairs).unwrap_err().to_string();

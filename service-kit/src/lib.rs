@@ -1,9 +1,12 @@
 //! What both igny8 services share at run time, written once:
 //!
 //! - [`config`]: environment configuration, validated at start-up;
-//! - [`server`]: the server stack (auth layer, health, reflection v1 and
-//!   v1alpha), database readiness, and SIGTERM drain;
-//! - [`telemetry`]: logging set-up.
+//! - [`server`]: the server stack (RPC spans and metrics, auth layer,
+//!   health, reflection v1 and v1alpha), database readiness, the `/metrics`
+//!   endpoint, and SIGTERM drain;
+//! - [`telemetry`]: logs (text or JSON) and OpenTelemetry trace export with
+//!   W3C trace-context propagation;
+//! - [`main_helper`]: the `main` both binaries share.
 //!
 //! A service supplies its tonic service and its name; [`server::Server`]
 //! does the rest.
@@ -12,8 +15,11 @@
 
 pub mod config;
 pub mod main_helper;
+mod metrics;
+mod rpc;
 pub mod server;
 pub mod telemetry;
 
 pub use config::{ConfigError, Defaults, ServiceConfig};
-pub use server::{Server, StartError, shutdown_signal};
+pub use server::{LIVENESS_SERVICE, Server, StartError, shutdown_signal};
+pub use telemetry::Telemetry;

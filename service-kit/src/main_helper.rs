@@ -1,7 +1,7 @@
 //! The `main` both service binaries share: `<bin>` serves, `<bin> migrate`
 //! applies migrations and exits, `<bin> --help` explains configuration.
 
-use std::{future::Future, process::ExitCode};
+use std::{future::Future, process::ExitCode, time::Duration};
 
 use crate::{
     config::{Defaults, ServiceConfig},
@@ -24,8 +24,20 @@ Configuration (environment):
   IGNY8_DB_MAX_CONNECTIONS      pool size (default 16)
   IGNY8_DIRECTORY_CACHE_MS      directory cache staleness bound, ≤ 1000 (default 500)
   IGNY8_LOG_FORMAT              text or json (default text)
-  OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC trace export (unset: off)
+  OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC collector, http://host:4317 (unset: no trace export)
   RUST_LOG                      log filter (default info)";
+
+/// How long exiting waits for tasks still on the runtime.
+const RUNTIME_SHUTDOWN_BOUND: Duration = Duration::from_secs(1);
+
+async fn migrate(config: &ServiceConfig) -> Result<(), String> {
+    let db = igny8_db::Db::connect(&config.database_url, &config.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    db.migrate().await.map_err(|e| e.to_string())?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
 
 /// Runs a service binary. `serve` receives the validated configuration and
 /// serves until SIGTERM/SIGINT.
@@ -64,7 +76,6 @@ where
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -76,17 +87,20 @@ where
         }
     };
     let result = runtime.block_on(async move {
-        if migrate_only {
-            let db = igny8_db::Db::connect(&config.database_url, &config.pool)
-                .await
-                .map_err(|e| e.to_string())?;
-            db.migrate().await.map_err(|e| e.to_string())?;
-            tracing::info!("migrations applied");
-            Ok(())
+        // Inside the runtime: the OTLP exporter's channel lives on it.
+        let telemetry = telemetry::install(&config, name).map_err(|e| e.to_string())?;
+        let result = if migrate_only {
+            migrate(&config).await
         } else {
             serve(config).await
-        }
+        };
+        // Last spans out before the runtime goes (bounded).
+        telemetry.shutdown().await;
+        result
     });
+    // Calls abandoned by a timed-out drain may still be parked on the
+    // runtime; do not wait for them.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_BOUND);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

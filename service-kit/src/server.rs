@@ -1,5 +1,6 @@
-//! The server stack both services run: auth layer → (health | reflection v1 |
-//! reflection v1alpha | the service), database readiness, SIGTERM drain.
+//! The server stack both services run: RPC span and metrics → auth layer →
+//! (health | reflection v1 | reflection v1alpha | the service), database
+//! readiness, the `/metrics` endpoint, and SIGTERM drain.
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -8,6 +9,7 @@ use auth_interceptor::{
 };
 use http::{Request, Response};
 use igny8_db::Db;
+use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, server::NamedService};
@@ -18,10 +20,24 @@ use tonic_health::{
 };
 use tower::Service;
 
-use crate::config::ServiceConfig;
+use crate::{
+    config::ServiceConfig,
+    metrics::{Metrics, serve_metrics},
+    rpc::{KnownMethods, RpcLayer},
+};
+
+/// The health entry for Kubernetes liveness probes: SERVING for as long as
+/// the server runs, whatever the database does or whether it drains. ""
+/// and the service's own name follow the database: probing those for
+/// liveness would restart every pod during a database outage.
+pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// How often readiness re-checks the database.
 const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long closing the pool may take after a drain that timed out: calls
+/// still in flight hold connections that will never be returned.
+const POOL_CLOSE_BOUND: Duration = Duration::from_secs(2);
 
 /// Start-up or serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,16 +61,19 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// A bound, not yet serving, igny8 server: the listener, the database pool,
-/// the authenticator and the health reporter.
+/// A bound, not yet serving, igny8 server: the listeners (gRPC and
+/// metrics), the database pool, the authenticator, the health reporter and
+/// the metrics registry.
 pub struct Server {
     config: ServiceConfig,
     service_name: &'static str,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     db: Db,
     authenticator: Arc<Authenticator>,
     auth_metrics: AuthMetrics,
-    health: HealthReporter,
+    metrics: Metrics,
+    health: Health,
 }
 
 impl std::fmt::Debug for Server {
@@ -82,7 +101,16 @@ impl Server {
                 addr: config.listen_addr,
                 source,
             })?;
+        let metrics_listener = match config.metrics_addr {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+        };
         let auth_metrics = AuthMetrics::default();
+        let metrics = Metrics::new(&auth_metrics, config.pool.max_connections);
         let directory =
             CachedDirectory::new(SqlDirectory::new(db.clone()), config.directory_cache_ttl);
         let authenticator = Arc::new(Authenticator::new(
@@ -90,19 +118,21 @@ impl Server {
             Arc::new(directory),
             auth_metrics.clone(),
         ));
-        let health = HealthReporter::new();
-        for name in ["", service_name] {
-            health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
-        }
+        let health = Health::new(service_name, metrics.serving.clone());
+        health.set(ServingStatus::NotServing).await;
+        health
+            .reporter
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+            .await;
         Ok(Self {
             config,
             service_name,
             listener,
+            metrics_listener,
             db,
             authenticator,
             auth_metrics,
+            metrics,
             health,
         })
     }
@@ -112,6 +142,20 @@ impl Server {
         self.listener
             .local_addr()
             .expect("a bound TCP listener has a local address")
+    }
+
+    /// The bound metrics address, when metrics are on (useful with port 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|l| {
+            l.local_addr()
+                .expect("a bound TCP listener has a local address")
+        })
+    }
+
+    /// The registry `/metrics` is rendered from, for a service's own series
+    /// (register them before [`Server::serve`]).
+    pub fn metrics_registry(&mut self) -> &mut Registry {
+        &mut self.metrics.registry
     }
 
     /// The database pool, for the service's store.
@@ -145,11 +189,29 @@ impl Server {
             config,
             service_name,
             listener,
+            metrics_listener,
             db,
             authenticator,
+            metrics,
             health,
             ..
         } = self;
+        let rpc_layer = RpcLayer::new(
+            KnownMethods::from_descriptors(
+                &[
+                    igny8_proto::FILE_DESCRIPTOR_SET,
+                    tonic_health::pb::FILE_DESCRIPTOR_SET,
+                ],
+                &[service_name, "grpc.health.v1.Health"],
+            ),
+            metrics.rpc.clone(),
+        );
+        let metrics_server = metrics_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+            }
+            tokio::spawn(serve_metrics(listener, metrics, db.clone()))
+        });
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(igny8_proto::FILE_DESCRIPTOR_SET)
@@ -173,20 +235,19 @@ impl Server {
                 tracing::info!(
                     "shutdown requested: reporting NOT_SERVING and draining in-flight calls"
                 );
+                health.drain().await;
                 let _ = draining_tx.send(true);
-                for name in ["", service_name] {
-                    health
-                        .set_service_status(name, ServingStatus::NotServing)
-                        .await;
-                }
             }
         };
         let addr = listener.local_addr().ok();
         tracing::info!(service = service_name, ?addr, "serving gRPC");
+        // Outermost first: every call gets its span and metrics, auth
+        // failures included, and auth runs inside the span.
         let serve = tonic::transport::Server::builder()
+            .layer(rpc_layer)
             .layer(AuthLayer::new(authenticator))
             .add_service(HealthServer::new(HealthService::from_health_reporter(
-                health,
+                health.reporter.clone(),
             )))
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
@@ -210,9 +271,65 @@ impl Server {
             }
         };
         readiness.abort();
-        db.close().await;
+        // After a timed-out drain, calls still running hold connections that
+        // close() would wait for forever; exiting closes them anyway.
+        if tokio::time::timeout(POOL_CLOSE_BOUND, db.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database pool did not close in time; leaving it to process exit");
+        }
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
         tracing::info!(service = service_name, "stopped");
         result
+    }
+}
+
+/// The health reporter for the server ("") and the service name, kept in
+/// step with the `igny8_serving` gauge. Once draining, it stays NOT_SERVING:
+/// the lock makes a readiness check that raced the drain unable to flip it
+/// back.
+#[derive(Clone)]
+struct Health {
+    reporter: HealthReporter,
+    service_name: &'static str,
+    serving: Gauge,
+    draining: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl Health {
+    fn new(service_name: &'static str, serving: Gauge) -> Self {
+        Self {
+            reporter: HealthReporter::new(),
+            service_name,
+            serving,
+            draining: Arc::default(),
+        }
+    }
+
+    /// Reports `status`, unless draining has begun.
+    async fn set(&self, status: ServingStatus) {
+        let draining = self.draining.lock().await;
+        if !*draining {
+            self.report(status).await;
+        }
+    }
+
+    /// Reports NOT_SERVING for good.
+    async fn drain(&self) {
+        let mut draining = self.draining.lock().await;
+        *draining = true;
+        self.report(ServingStatus::NotServing).await;
+    }
+
+    async fn report(&self, status: ServingStatus) {
+        for name in ["", self.service_name] {
+            self.reporter.set_service_status(name, status).await;
+        }
+        self.serving
+            .set(i64::from(status == ServingStatus::Serving));
     }
 }
 
@@ -221,7 +338,7 @@ impl Server {
 /// not, and for good once draining starts.
 async fn readiness(
     db: Db,
-    health: HealthReporter,
+    health: Health,
     service_name: &'static str,
     run_migrations: bool,
     mut draining: watch::Receiver<bool>,
@@ -253,9 +370,7 @@ async fn readiness(
             }
         };
         if last != Some(status) && !*draining.borrow() {
-            for name in ["", service_name] {
-                health.set_service_status(name, status).await;
-            }
+            health.set(status).await;
             if status == ServingStatus::Serving {
                 tracing::info!(
                     service = service_name,

@@ -49,6 +49,11 @@ impl App {
         self.server.local_addr()
     }
 
+    /// The bound metrics address, when `IGNY8_METRICS_ADDR` is not `off`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.metrics_addr()
+    }
+
     /// Serves until `shutdown` completes, then drains.
     pub async fn run_until_stopped(
         self,

@@ -414,6 +414,16 @@ pub struct Running {
 }
 
 impl Running {
+    /// A handle on a server running elsewhere (a child process): clients and
+    /// health work; [`Running::stop`] does not (stop the process instead).
+    pub fn at(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            stop: None,
+            handle: None,
+        }
+    }
+
     /// `http://addr` for clients.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
@@ -502,10 +512,9 @@ async fn wait_serving(running: &Running, service: &str) {
                     service: service.to_owned(),
                 })
                 .await
+                && r.into_inner().status == ServingStatus::Serving as i32
             {
-                if r.into_inner().status == ServingStatus::Serving as i32 {
-                    return;
-                }
+                return;
             }
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -602,7 +611,14 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
         let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "billing-svc", "-p", "settings-svc"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "billing-svc",
+                "-p",
+                "settings-svc",
+            ])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("run cargo build");
@@ -610,7 +626,10 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     });
     // target/<profile>/deps/<test-binary> → target/<profile>/<name>
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|p| p.parent()).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target/<profile>");
     let path = dir.join(name);
     assert!(path.is_file(), "{} was not built", path.display());
     path
@@ -637,6 +656,18 @@ impl Process {
     /// Starts `name` against `db_url` with the test secret and waits until
     /// its service reports SERVING. `extra` adds or overrides environment.
     pub async fn start(name: &str, service: &str, db_url: &str, extra: &[(&str, &str)]) -> Process {
+        Self::start_logging(name, service, db_url, extra, std::process::Stdio::inherit()).await
+    }
+
+    /// Like [`Process::start`], with the process's stderr (its logs) sent to
+    /// `stderr`.
+    pub async fn start_logging(
+        name: &str,
+        service: &str,
+        db_url: &str,
+        extra: &[(&str, &str)],
+        stderr: std::process::Stdio,
+    ) -> Process {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut cmd = std::process::Command::new(workspace_binary(name));
         cmd.env_clear()
@@ -649,9 +680,16 @@ impl Process {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let child = cmd
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
         let process = Process { child, addr };
-        let running = Running { addr, stop: None, handle: None };
+        let running = Running {
+            addr,
+            stop: None,
+            handle: None,
+        };
         wait_serving(&running, service).await;
         process
     }
@@ -672,7 +710,10 @@ impl Process {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(tokio::time::Instant::now() < deadline, "process did not exit within {timeout:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "process did not exit within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -682,5 +723,135 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Starts billing with `config` without waiting for SERVING (a server
+/// whose database is down never gets there), and returns its metrics
+/// address when `config.metrics_addr` is set.
+pub async fn start_billing_unready(config: ServiceConfig) -> (Running, Option<SocketAddr>) {
+    let app = billing_svc::App::build(config, billing_svc::CostTable::builtin())
+        .await
+        .expect("billing builds");
+    let metrics = app.metrics_addr();
+    let running = start(app.local_addr(), |stopped| async move {
+        app.run_until_stopped(async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    (running, metrics)
+}
+
+/// Starts billing with `config` (metrics on), waits until it is SERVING, and
+/// returns it with its metrics address.
+pub async fn spawn_billing_with_metrics(mut config: ServiceConfig) -> (Running, SocketAddr) {
+    if config.metrics_addr.is_none() {
+        config.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
+    }
+    let (running, metrics) = start_billing_unready(config).await;
+    wait_serving(&running, igny8_proto::BILLING_SERVICE_NAME).await;
+    (running, metrics.expect("metrics are on"))
+}
+
+/// `GET /metrics` over plain HTTP/1.1 (no client library): the status code
+/// and the body.
+pub async fn scrape(addr: SocketAddr) -> (u16, String) {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send request");
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .expect("read the whole response");
+        let response = String::from_utf8(response).expect("UTF-8 response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP head and body");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("HTTP status line");
+        // hyper sends a sized body for a full response, but be liberal.
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        (status, body)
+    })
+    .await
+    .expect("scrape task")
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+/// The value of one sample in Prometheus text, found by its exact series
+/// (`name{label="value",...}` as rendered); `None` when absent.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// The health status of `service` at `addr`, or the error of the check.
+pub async fn health_at(addr: SocketAddr, service: &str) -> Result<ServingStatus, tonic::Status> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    Ok(ServingStatus::try_from(status).expect("known status"))
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `within`; panics
+/// with `what` otherwise. For state that changes asynchronously (health
+/// after a database outage, a process after SIGTERM).
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not observed within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -648,7 +648,11 @@ async fn tokens_never_reach_logs() {
     )
     .await;
     let running_addr = format!("http://{}", server.addr);
-    let channel = tonic::transport::Channel::from_shared(running_addr).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(running_addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let good = access_token(13, Some(A2)); // a stale hint: logged as a mismatch
     let expired = sign(&json!({"type": "access", "user_id": 13, "exp": unix_now() - 3600}));
     let foreign = access_token(999, None);
@@ -659,12 +663,19 @@ async fn tokens_never_reach_logs() {
         );
         let _ = c.get_balance(GetBalanceRequest {}).await;
         let _ = c
-            .deduct(DeductRequest { cost: Some(deduct_request::Cost::Credits(1)), idempotency_key: "k".into(), ..Default::default() })
+            .deduct(DeductRequest {
+                cost: Some(deduct_request::Cost::Credits(1)),
+                idempotency_key: "k".into(),
+                ..Default::default()
+            })
             .await;
     }
     drop(server);
     let logs = std::fs::read_to_string(log.path()).unwrap();
-    assert!(logs.contains("stale token"), "the mismatch is logged: {logs}");
+    assert!(
+        logs.contains("stale token"),
+        "the mismatch is logged: {logs}"
+    );
     for token in [&good, &expired, &foreign] {
         let signature = token.rsplit('.').next().unwrap();
         assert!(!logs.contains(signature), "a token reached the logs");
