@@ -173,6 +173,9 @@ where
     match format {
         LogFormat::Text => fmt::layer()
             .with_writer(std::io::stderr)
+            // Colour codes only for a person at a terminal, not in files or
+            // log collectors.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => fmt::layer()
