@@ -65,6 +65,8 @@ pub enum StartError {
 /// metrics), the database pool, the authenticator, the health reporter and
 /// the metrics registry.
 pub struct Server {
+    /// Migrations are enabled but could not be applied at start-up.
+    migrations_pending: bool,
     config: ServiceConfig,
     service_name: &'static str,
     listener: TcpListener,
@@ -95,6 +97,11 @@ impl Server {
         let verifier = TokenVerifier::new(&config.jwt).map_err(StartError::Config)?;
         let db = Db::connect_lazy(&config.database_url, &config.pool)
             .map_err(|e| StartError::Config(e.to_string()))?;
+        // Apply migrations before the port opens when the database is already
+        // up, so a client that can connect also finds the schema. A database
+        // that is not there yet does not stop start-up: the server comes up
+        // NOT_SERVING and the readiness task keeps trying.
+        let migrated = config.run_migrations && migrate_at_start(&db).await;
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -125,6 +132,7 @@ impl Server {
             .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
         Ok(Self {
+            migrations_pending: config.run_migrations && !migrated,
             config,
             service_name,
             listener,
@@ -186,6 +194,7 @@ impl Server {
         S::Future: Send + 'static,
     {
         let Server {
+            migrations_pending,
             config,
             service_name,
             listener,
@@ -224,7 +233,7 @@ impl Server {
             db.clone(),
             health.clone(),
             service_name,
-            config.run_migrations,
+            migrations_pending,
             draining.clone(),
         ));
 
@@ -333,6 +342,28 @@ impl Health {
     }
 }
 
+/// Bound on the start-up migration attempt: long enough for a database that
+/// answers, short enough that an unreachable one does not hold start-up.
+const STARTUP_MIGRATION_BOUND: Duration = Duration::from_secs(10);
+
+/// Tries once to apply migrations; true when they are applied.
+async fn migrate_at_start(db: &Db) -> bool {
+    match tokio::time::timeout(STARTUP_MIGRATION_BOUND, db.migrate()).await {
+        Ok(Ok(())) => {
+            tracing::info!("database migrations applied");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "migrations not applied at start-up; serving NOT_SERVING and retrying");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("database did not answer at start-up; serving NOT_SERVING and retrying");
+            false
+        }
+    }
+}
+
 /// Keeps health honest: NOT_SERVING until the database answers (and the
 /// migrations, when enabled, are applied), NOT_SERVING again while it does
 /// not, and for good once draining starts.
@@ -340,10 +371,10 @@ async fn readiness(
     db: Db,
     health: Health,
     service_name: &'static str,
-    run_migrations: bool,
+    migrations_pending: bool,
     mut draining: watch::Receiver<bool>,
 ) {
-    let mut migrated = !run_migrations;
+    let mut migrated = !migrations_pending;
     let mut last = None;
     loop {
         if *draining.borrow() {

@@ -92,6 +92,16 @@ impl std::fmt::Debug for TestDb {
 impl TestDb {
     /// Creates and migrates a new database.
     pub async fn new(backend: Backend) -> Self {
+        Self::create(backend, true).await
+    }
+
+    /// Creates a new database without the schema, as an operator's fresh
+    /// database is before the services first start.
+    pub async fn empty(backend: Backend) -> Self {
+        Self::create(backend, false).await
+    }
+
+    async fn create(backend: Backend, migrate: bool) -> Self {
         let (url, dir, pg_name) = match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
@@ -123,7 +133,9 @@ impl TestDb {
         let db = Db::connect(&url, &PoolConfig::default())
             .await
             .expect("connect to the test database");
-        db.migrate().await.expect("migrations apply");
+        if migrate {
+            db.migrate().await.expect("migrations apply");
+        }
         Self {
             url,
             db,

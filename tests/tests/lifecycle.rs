@@ -510,3 +510,30 @@ async fn unreachable_collector_delays_neither_start_nor_exit() {
     binary.assert_json_logs_mention("exporting traces over OTLP/gRPC");
     drop(black_hole);
 }
+
+/// A binary started on a fresh, empty database applies the migrations before
+/// its port opens: the directory tables exist as soon as anyone can connect,
+/// and the service is SERVING without a readiness round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_applied_before_the_port_opens() {
+    for backend in [Backend::Postgres, Backend::Sqlite] {
+        let db = TestDb::empty(backend).await;
+        let server = Process::start(
+            "settings-svc",
+            igny8_proto::SETTINGS_SERVICE_NAME,
+            &db.url,
+            &[],
+        )
+        .await;
+        db.account(1).create().await;
+        db.user(1).account(1).role("owner").create().await;
+        let running = Running::at(server.addr);
+        let mut c = running.settings(&access_token(1, None), None).await;
+        let s = c
+            .get_module_settings(igny8_proto::settings::v1::GetModuleSettingsRequest {})
+            .await
+            .expect("schema in place")
+            .into_inner();
+        assert_eq!(s.settings.unwrap().account_id, 1, "{backend:?}");
+    }
+}
