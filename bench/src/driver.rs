@@ -1,0 +1,333 @@
+//! The load driver: N callers, each one call at a time, for a warm-up and
+//! then a measured window; every response is checked.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use tonic::Code;
+
+/// One simulated client issuing calls back to back.
+pub trait Caller: Send + 'static {
+    /// Issues one call and checks its response.
+    fn call(&mut self) -> impl Future<Output = Outcome> + Send;
+}
+
+/// What one call did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// `Ok` when the call succeeded and its response was what the scenario
+    /// expects; a failure is never counted as throughput.
+    pub result: Result<(), Failure>,
+    /// Index of the account the server charged, if it did (deduct
+    /// scenarios). Recorded even when the response failed a check, because
+    /// the balance moved anyway.
+    pub charged: Option<usize>,
+}
+
+impl Outcome {
+    /// A successful call that charged nothing.
+    pub fn ok() -> Self {
+        Self {
+            result: Ok(()),
+            charged: None,
+        }
+    }
+
+    /// A call that returned a gRPC error.
+    pub fn status(status: &tonic::Status) -> Self {
+        Self {
+            result: Err(Failure {
+                label: code_name(status.code()),
+                message: status.message().to_owned(),
+            }),
+            charged: None,
+        }
+    }
+
+    /// A call that succeeded with an unexpected response.
+    pub fn invalid(message: String) -> Self {
+        Self {
+            result: Err(Failure {
+                label: INVALID_RESPONSE,
+                message,
+            }),
+            charged: None,
+        }
+    }
+
+    /// Marks the account the server charged.
+    pub fn charged(mut self, account: usize) -> Self {
+        self.charged = Some(account);
+        self
+    }
+}
+
+/// The error label of an OK response whose content was wrong.
+pub const INVALID_RESPONSE: &str = "INVALID_RESPONSE";
+
+/// A failed call: its gRPC status name (or [`INVALID_RESPONSE`]) and message.
+#[derive(Debug)]
+pub struct Failure {
+    /// `UNAVAILABLE`, `FAILED_PRECONDITION`, ..., or `INVALID_RESPONSE`.
+    pub label: &'static str,
+    /// What the server (or the check) said.
+    pub message: String,
+}
+
+/// The canonical upper-case name of a gRPC status code.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// How long to warm up and then measure.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Unmeasured time first (caches, pools, connections, JIT-free but
+    /// allocator and page-cache warm).
+    pub warmup: Duration,
+    /// Measured time.
+    pub duration: Duration,
+}
+
+/// What the callers of one scenario did, merged.
+#[derive(Debug, Default)]
+pub struct Measurement {
+    /// Successful calls started inside the measured window.
+    pub ok: u64,
+    /// From the start of the measured window until the last caller's last
+    /// call returned (callers start no call after the window closes, but
+    /// finish the one in flight).
+    pub elapsed: Duration,
+    /// Latencies of the successful measured calls, sorted, in nanoseconds.
+    pub latencies_ns: Vec<u64>,
+    /// Failed measured calls by label.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// One message per failure label, to say what went wrong.
+    pub error_samples: BTreeMap<&'static str, String>,
+    /// Calls started during the warm-up, successful or not.
+    pub warmup_calls: u64,
+    /// Failed warm-up calls by label.
+    pub warmup_errors: BTreeMap<&'static str, u64>,
+    /// Per account index: how many calls the server charged, warm-up
+    /// included (for the balance verification).
+    pub charged: Vec<u64>,
+}
+
+impl Measurement {
+    /// Successful measured calls per second.
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.ok as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Failed measured calls.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// The latency at percentile `p` (nearest rank), if any call succeeded.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        let n = self.latencies_ns.len();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((p / 100.0) * n as f64).ceil() as usize;
+        let index = rank.clamp(1, n) - 1;
+        Some(Duration::from_nanos(self.latencies_ns[index]))
+    }
+
+    /// The slowest successful call.
+    pub fn max(&self) -> Option<Duration> {
+        self.latencies_ns.last().map(|&ns| Duration::from_nanos(ns))
+    }
+}
+
+/// Runs `callers` concurrently (one task each) for `plan`; `accounts` is
+/// the number of account indexes a caller may report as charged.
+pub async fn drive<C: Caller>(callers: Vec<C>, accounts: usize, plan: Plan) -> Measurement {
+    let start = Instant::now();
+    let measure_from = start + plan.warmup;
+    let until = measure_from + plan.duration;
+    let tasks: Vec<_> = callers
+        .into_iter()
+        .map(|caller| tokio::spawn(run_caller(caller, accounts, measure_from, until)))
+        .collect();
+
+    let mut total = Measurement {
+        charged: vec![0; accounts],
+        ..Default::default()
+    };
+    let mut last_finish = measure_from;
+    for task in tasks {
+        let stats = task.await.expect("a benchmark caller task panicked");
+        last_finish = last_finish.max(stats.finished);
+        total.ok += stats.ok;
+        total.latencies_ns.extend(stats.latencies_ns);
+        total.warmup_calls += stats.warmup_calls;
+        merge(&mut total.errors, stats.errors);
+        merge(&mut total.warmup_errors, stats.warmup_errors);
+        for (label, message) in stats.error_samples {
+            total.error_samples.entry(label).or_insert(message);
+        }
+        for (sum, n) in total.charged.iter_mut().zip(stats.charged) {
+            *sum += n;
+        }
+    }
+    total.elapsed = last_finish.saturating_duration_since(measure_from);
+    total.latencies_ns.sort_unstable();
+    total
+}
+
+fn merge(into: &mut BTreeMap<&'static str, u64>, from: BTreeMap<&'static str, u64>) {
+    for (label, n) in from {
+        *into.entry(label).or_default() += n;
+    }
+}
+
+/// One caller's share of a [`Measurement`].
+struct CallerStats {
+    ok: u64,
+    latencies_ns: Vec<u64>,
+    errors: BTreeMap<&'static str, u64>,
+    error_samples: BTreeMap<&'static str, String>,
+    warmup_calls: u64,
+    warmup_errors: BTreeMap<&'static str, u64>,
+    charged: Vec<u64>,
+    finished: Instant,
+}
+
+async fn run_caller<C: Caller>(
+    mut caller: C,
+    accounts: usize,
+    measure_from: Instant,
+    until: Instant,
+) -> CallerStats {
+    let mut stats = CallerStats {
+        ok: 0,
+        latencies_ns: Vec::with_capacity(16 * 1024),
+        errors: BTreeMap::new(),
+        error_samples: BTreeMap::new(),
+        warmup_calls: 0,
+        warmup_errors: BTreeMap::new(),
+        charged: vec![0; accounts],
+        finished: measure_from,
+    };
+    loop {
+        let began = Instant::now();
+        if began >= until {
+            break;
+        }
+        let outcome = caller.call().await;
+        let latency = began.elapsed();
+        if let Some(account) = outcome.charged {
+            stats.charged[account] += 1;
+        }
+        let measured = began >= measure_from;
+        match outcome.result {
+            Ok(()) if measured => {
+                stats.ok += 1;
+                stats
+                    .latencies_ns
+                    .push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
+            }
+            Ok(()) => stats.warmup_calls += 1,
+            Err(failure) if measured => {
+                *stats.errors.entry(failure.label).or_default() += 1;
+                stats
+                    .error_samples
+                    .entry(failure.label)
+                    .or_insert(failure.message);
+            }
+            Err(failure) => {
+                stats.warmup_calls += 1;
+                *stats.warmup_errors.entry(failure.label).or_default() += 1;
+                stats
+                    .error_samples
+                    .entry(failure.label)
+                    .or_insert(failure.message);
+            }
+        }
+    }
+    stats.finished = Instant::now();
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Flaky {
+        n: u64,
+    }
+
+    impl Caller for Flaky {
+        async fn call(&mut self) -> Outcome {
+            self.n += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            match self.n % 4 {
+                0 => Outcome::status(&tonic::Status::unavailable("down")),
+                1 => Outcome::invalid("wrong".into()).charged(0),
+                _ => Outcome::ok().charged(1),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_are_counted_by_code_and_never_as_throughput() {
+        let plan = Plan {
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(100),
+        };
+        let m = drive(vec![Flaky { n: 0 }, Flaky { n: 0 }], 2, plan).await;
+        let total = m.ok + m.error_count();
+        assert!(total > 8, "{total} calls");
+        assert_eq!(m.latencies_ns.len() as u64, m.ok);
+        assert_eq!(
+            m.errors.keys().copied().collect::<Vec<_>>(),
+            [INVALID_RESPONSE, "UNAVAILABLE"]
+        );
+        assert_eq!(m.error_samples["UNAVAILABLE"], "down");
+        // Charged calls are tracked whether or not the response passed.
+        assert_eq!(m.charged[1], m.ok);
+        assert_eq!(m.charged[0], m.errors[INVALID_RESPONSE]);
+        assert!(m.elapsed >= plan.duration);
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let m = Measurement {
+            latencies_ns: (1..=100).map(|ms| ms * 1_000_000).collect(),
+            ..Default::default()
+        };
+        assert_eq!(m.percentile(50.0), Some(Duration::from_millis(50)));
+        assert_eq!(m.percentile(99.0), Some(Duration::from_millis(99)));
+        assert_eq!(m.percentile(100.0), Some(Duration::from_millis(100)));
+        assert_eq!(m.max(), Some(Duration::from_millis(100)));
+        assert_eq!(Measurement::default().percentile(50.0), None);
+    }
+}

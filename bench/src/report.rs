@@ -1,0 +1,228 @@
+//! The results: one JSON document (`--json`) or a table.
+
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+
+use serde::Serialize;
+
+use crate::{driver::Measurement, scenarios::Verification};
+
+/// A whole run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// `igny8-bench`.
+    pub tool: &'static str,
+    /// The bench crate's version.
+    pub version: &'static str,
+    /// `postgres` or `sqlite`.
+    pub backend: &'static str,
+    /// Concurrent callers.
+    pub concurrency: u32,
+    /// HTTP/2 connections the callers share.
+    pub connections: usize,
+    /// Warm-up per scenario, seconds.
+    pub warmup_secs: f64,
+    /// Measured time per scenario, seconds.
+    pub duration_secs: f64,
+    /// CPUs available to this process.
+    pub cpus: usize,
+    /// One entry per scenario, in run order.
+    pub scenarios: Vec<ScenarioReport>,
+    /// Every deduct verification passed (true when none ran).
+    pub verification_passed: bool,
+}
+
+/// One scenario's numbers.
+#[derive(Debug, Serialize)]
+pub struct ScenarioReport {
+    /// `baseline`, `deduct-hot`, ...
+    pub name: &'static str,
+    /// The RPC called.
+    pub rpc: &'static str,
+    /// Successful calls in the measured window.
+    pub requests: u64,
+    /// Length of the measured window, seconds.
+    pub elapsed_secs: f64,
+    /// `requests / elapsed_secs`.
+    pub requests_per_sec: f64,
+    /// `requests_per_sec` divided by baseline's from the same run; null when
+    /// baseline was not run.
+    pub ratio_to_baseline: Option<f64>,
+    /// Latency of successful calls; null when none succeeded.
+    pub latency_ms: Option<Latency>,
+    /// Failed measured calls by gRPC status name (`INVALID_RESPONSE`: an
+    /// OK whose content was wrong).
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Sum of `errors`.
+    pub error_count: u64,
+    /// One message per error label (warm-up included).
+    pub error_samples: BTreeMap<&'static str, String>,
+    /// Calls made during the warm-up.
+    pub warmup_requests: u64,
+    /// Failed warm-up calls by label.
+    pub warmup_errors: BTreeMap<&'static str, u64>,
+    /// Balance and ledger check, for the deduct scenarios.
+    pub verification: Option<Verification>,
+}
+
+/// Latency percentiles in milliseconds (nearest rank).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest call.
+    pub max: f64,
+}
+
+impl ScenarioReport {
+    /// Summarises a measurement (the ratio is filled in by [`Report::new`]).
+    pub fn new(
+        name: &'static str,
+        rpc: &'static str,
+        m: Measurement,
+        verification: Option<Verification>,
+    ) -> Self {
+        // Milliseconds, rounded to the microsecond.
+        let ms = |d: Option<Duration>| d.map_or(0.0, |d| (d.as_secs_f64() * 1e6).round() / 1e3);
+        let latency_ms = (m.ok > 0).then(|| Latency {
+            p50: ms(m.percentile(50.0)),
+            p90: ms(m.percentile(90.0)),
+            p99: ms(m.percentile(99.0)),
+            max: ms(m.max()),
+        });
+        Self {
+            name,
+            rpc,
+            requests: m.ok,
+            elapsed_secs: m.elapsed.as_secs_f64(),
+            requests_per_sec: m.rate(),
+            ratio_to_baseline: None,
+            latency_ms,
+            error_count: m.error_count(),
+            errors: m.errors,
+            error_samples: m.error_samples,
+            warmup_requests: m.warmup_calls,
+            warmup_errors: m.warmup_errors,
+            verification,
+        }
+    }
+}
+
+impl Report {
+    /// Assembles the run and computes the ratios to baseline.
+    pub fn new(
+        backend: &'static str,
+        concurrency: u32,
+        connections: usize,
+        warmup: Duration,
+        duration: Duration,
+        mut scenarios: Vec<ScenarioReport>,
+    ) -> Self {
+        let baseline = scenarios
+            .iter()
+            .find(|s| s.name == "baseline")
+            .map(|s| s.requests_per_sec)
+            .filter(|&r| r > 0.0);
+        if let Some(baseline) = baseline {
+            for s in &mut scenarios {
+                s.ratio_to_baseline = Some(s.requests_per_sec / baseline);
+            }
+        }
+        let verification_passed = scenarios
+            .iter()
+            .filter_map(|s| s.verification.as_ref())
+            .all(|v| v.passed);
+        Self {
+            tool: "igny8-bench",
+            version: env!("CARGO_PKG_VERSION"),
+            backend,
+            concurrency,
+            connections,
+            warmup_secs: warmup.as_secs_f64(),
+            duration_secs: duration.as_secs_f64(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            scenarios,
+            verification_passed,
+        }
+    }
+
+    /// The JSON document.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the report serialises")
+    }
+
+    /// The human-readable table, with error and verification lines under it.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "igny8-bench {}: backend {}, {} callers on {} connection(s), warm-up {}s + {}s measured per scenario, {} CPU(s)",
+            self.version,
+            self.backend,
+            self.concurrency,
+            self.connections,
+            self.warmup_secs,
+            self.duration_secs,
+            self.cpus
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "| scenario      |     req/s | × baseline |  p50 ms |  p90 ms |  p99 ms |  max ms |       ok | errors |"
+        );
+        let _ = writeln!(
+            out,
+            "|---------------|----------:|-----------:|--------:|--------:|--------:|--------:|---------:|-------:|"
+        );
+        for s in &self.scenarios {
+            let ratio = s
+                .ratio_to_baseline
+                .map_or_else(|| "—".to_owned(), |r| format!("{r:.3}"));
+            let [p50, p90, p99, max] = match s.latency_ms {
+                Some(l) => [l.p50, l.p90, l.p99, l.max].map(|v| format!("{v:.2}")),
+                None => ["—"; 4].map(str::to_owned),
+            };
+            let _ = writeln!(
+                out,
+                "| {:<13} | {:>9.1} | {:>10} | {:>7} | {:>7} | {:>7} | {:>7} | {:>8} | {:>6} |",
+                s.name, s.requests_per_sec, ratio, p50, p90, p99, max, s.requests, s.error_count
+            );
+        }
+        let _ = writeln!(out);
+        for s in &self.scenarios {
+            if s.error_count > 0 || !s.warmup_errors.is_empty() {
+                let list = |m: &BTreeMap<&str, u64>| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "errors   {}: {} (warm-up: {})",
+                    s.name,
+                    list(&s.errors),
+                    list(&s.warmup_errors)
+                );
+                for (label, message) in &s.error_samples {
+                    let _ = writeln!(out, "         {label}: {message}");
+                }
+            }
+        }
+        for s in &self.scenarios {
+            if let Some(v) = &s.verification {
+                let _ = writeln!(
+                    out,
+                    "verify   {}: {} — {}",
+                    s.name,
+                    if v.passed { "PASS" } else { "FAIL" },
+                    v.detail
+                );
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,180 @@
+//! Keeps the benchmark working: the built `igny8-bench` binary runs every
+//! scenario for one second on both backends and its JSON is checked for
+//! structure, zero errors and exact balances. No timing assertions: the
+//! numbers themselves are only ever compared within one run.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const ALL: &str = "baseline,deduct-hot,deduct-spread,cost,check-module";
+
+/// Runs the binary briefly with `--json` and parses what it printed.
+fn bench(backend: &str, scenarios: &str) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
+        .args(["--backend", backend, "--scenarios", scenarios])
+        .args(["--duration", "1s", "--warmup", "0s", "--concurrency", "4"])
+        .arg("--json")
+        .output()
+        .expect("igny8-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "igny8-bench --backend {backend} --scenarios {scenarios} exited with {}:\n{stderr}",
+        out.status
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON document ({e}):\n{}\nstderr:\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn number(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{field}` is not a number in {v:#}"))
+}
+
+/// One scenario's entry: work done, nothing failed, percentiles ordered,
+/// deducts verified exactly.
+fn assert_scenario_sound(s: &Value) {
+    let name = s["name"].as_str().expect("scenario name");
+    assert!(s["rpc"].as_str().is_some_and(|r| r.contains('/')), "{s:#}");
+    assert!(
+        number(s, "requests") > 0.0,
+        "{name} made no successful call: {s:#}"
+    );
+    assert!(number(s, "requests_per_sec") > 0.0, "{s:#}");
+    assert!(number(s, "elapsed_secs") >= 1.0, "{s:#}");
+    assert_eq!(s["error_count"], 0, "{name} had errors: {s:#}");
+    assert_eq!(s["errors"], serde_json::json!({}), "{s:#}");
+    assert_eq!(s["warmup_errors"], serde_json::json!({}), "{s:#}");
+
+    let l = &s["latency_ms"];
+    let (p50, p90, p99, max) = (
+        number(l, "p50"),
+        number(l, "p90"),
+        number(l, "p99"),
+        number(l, "max"),
+    );
+    assert!(0.0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= max, "{l}");
+
+    if name.starts_with("deduct-") {
+        let v = &s["verification"];
+        assert_eq!(v["passed"], true, "{name}: {v:#}");
+        let accounts = if name == "deduct-hot" { 1 } else { 1000 };
+        assert_eq!(v["accounts"], accounts, "{v:#}");
+        // Every measured success was a deduct the server acknowledged.
+        assert!(
+            number(v, "successful_deducts") >= number(s, "requests"),
+            "{s:#}"
+        );
+    } else {
+        assert!(s["verification"].is_null(), "{s:#}");
+    }
+}
+
+/// The run-level fields of a `--concurrency 4` run.
+fn assert_run_sound(report: &Value, backend: &str, scenarios: &[&str]) {
+    assert_eq!(report["tool"], "igny8-bench");
+    assert_eq!(report["backend"], backend);
+    assert_eq!(report["concurrency"], 4);
+    assert_eq!(report["connections"], 1, "4 callers fit on one connection");
+    assert_eq!(report["duration_secs"], 1.0);
+    assert_eq!(report["warmup_secs"], 0.0);
+    assert!(number(report, "cpus") >= 1.0);
+    assert_eq!(report["verification_passed"], true, "{report:#}");
+    let names: Vec<&str> = report["scenarios"]
+        .as_array()
+        .expect("scenarios array")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, scenarios);
+    for s in report["scenarios"].as_array().expect("scenarios") {
+        assert_scenario_sound(s);
+    }
+}
+
+/// One scenario alone: no baseline in the run, so no ratio (except for
+/// baseline itself, which is 1).
+fn scenario_alone(backend: &str, scenario: &str) {
+    let report = bench(backend, scenario);
+    assert_run_sound(&report, backend, &[scenario]);
+    let ratio = &report["scenarios"][0]["ratio_to_baseline"];
+    if scenario == "baseline" {
+        assert_eq!(ratio, 1.0);
+    } else {
+        assert!(ratio.is_null(), "{ratio}");
+    }
+}
+
+macro_rules! each_scenario {
+    ($backend:ident) => {
+        mod $backend {
+            #[test]
+            fn baseline() {
+                super::scenario_alone(stringify!($backend), "baseline");
+            }
+            #[test]
+            fn deduct_hot() {
+                super::scenario_alone(stringify!($backend), "deduct-hot");
+            }
+            #[test]
+            fn deduct_spread() {
+                super::scenario_alone(stringify!($backend), "deduct-spread");
+            }
+            #[test]
+            fn cost() {
+                super::scenario_alone(stringify!($backend), "cost");
+            }
+            #[test]
+            fn check_module() {
+                super::scenario_alone(stringify!($backend), "check-module");
+            }
+        }
+    };
+}
+
+each_scenario!(sqlite);
+each_scenario!(postgres);
+
+#[test]
+fn one_run_of_every_scenario_reports_ratios_to_its_own_baseline() {
+    let report = bench("sqlite", ALL);
+    let names: Vec<&str> = ALL.split(',').collect();
+    assert_run_sound(&report, "sqlite", &names);
+    for s in report["scenarios"].as_array().expect("scenarios") {
+        let ratio = number(s, "ratio_to_baseline");
+        let expected =
+            number(s, "requests_per_sec") / number(&report["scenarios"][0], "requests_per_sec");
+        assert!((ratio - expected).abs() < 1e-9, "{s:#}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
+        .args(["--scenarios", "baseline,deduct-everything"])
+        .output()
+        .expect("igny8-bench runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("deduct-everything") && stderr.contains("deduct-hot"),
+        "{stderr}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
+        .args(["--duration", "0s"])
+        .output()
+        .expect("igny8-bench runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--duration") && stderr.contains("greater than zero"),
+        "{stderr}"
+    );
+}
