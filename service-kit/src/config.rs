@@ -189,11 +189,22 @@ fn parse_otlp_endpoint(value: Option<String>) -> Result<Option<String>, ConfigEr
     }
 }
 
+/// Parses a listen address: `IP:port`, `host:port` (resolved once, at
+/// start-up, e.g. `localhost:50051`), or `:port` for every interface.
 fn parse_addr(name: &str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
     let value = value.unwrap_or_else(|| default.to_owned());
-    value.parse().map_err(|_| {
+    let value = value.trim();
+    let resolved = match value.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}").parse().ok(),
+        None => value.parse().ok().or_else(|| {
+            std::net::ToSocketAddrs::to_socket_addrs(value)
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+        }),
+    };
+    resolved.ok_or_else(|| {
         ConfigError(format!(
-            "{name} must be an IP:port such as 0.0.0.0:50051, got {value:?}"
+            "{name} must be IP:port, host:port or :port (such as 0.0.0.0:50051), got {value:?}"
         ))
     })
 }
@@ -281,6 +292,24 @@ mod tests {
             Some("http://otel-collector.monitoring:4317")
         );
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn listen_addresses_take_hosts_and_bare_ports() {
+        for (value, want) in [
+            ("127.0.0.1:7000", "127.0.0.1:7000"),
+            (":7001", "0.0.0.0:7001"),
+            ("localhost:7002", "127.0.0.1:7002"),
+        ] {
+            let c = load(&[("IGNY8_JWT_SECRET", "s"), ("IGNY8_LISTEN_ADDR", value)]).unwrap();
+            assert!(
+                c.listen_addr.port() == want.parse::<SocketAddr>().unwrap().port(),
+                "{value}"
+            );
+            if value != "localhost:7002" {
+                assert_eq!(c.listen_addr.to_string(), want);
+            }
+        }
     }
 
     #[test]
