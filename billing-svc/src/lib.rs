@@ -15,7 +15,7 @@ pub mod metrics;
 pub mod page_token;
 pub mod service;
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
 
 use auth_interceptor::KeyConfig;
 use igny8_proto::billing::v1::billing_service_server::BillingServiceServer;
@@ -42,56 +42,26 @@ pub fn cost_table_from_env() -> Result<CostTable, String> {
     }
 }
 
-/// A bound billing server.
-#[derive(Debug)]
-pub struct App {
-    server: Server,
-    billing: Billing,
-    deducts: metrics::DeductMetrics,
-}
+/// A bound billing server, ready to [`service_kit::App::run_until_stopped`].
+pub type App = service_kit::App<BillingServiceServer<metrics::Metered<Billing>>>;
 
-impl App {
-    /// Validates configuration, binds the listen address and prepares the
-    /// service. Serving starts with [`App::run_until_stopped`].
-    pub async fn build(config: ServiceConfig, table: CostTable) -> Result<Self, StartError> {
-        let key_material = match &config.jwt.keys {
-            KeyConfig::Hs256Secret(secret) => secret.expose().clone(),
-            KeyConfig::PublicKeyPem(pem) => pem.clone(),
-            KeyConfig::Jwks(doc) => doc.clone().into_bytes(),
-        };
-        let mut server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
-        let billing = Billing::new(
-            Arc::new(table),
-            ledger::Ledger::new(server.db().clone()),
-            &key_material,
-        );
-        let deducts = metrics::DeductMetrics::default();
-        deducts.register(server.metrics_registry());
-        Ok(Self {
-            server,
-            billing,
-            deducts,
-        })
-    }
-
-    /// The bound gRPC address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
-    }
-
-    /// The bound metrics address, when `IGNY8_METRICS_ADDR` is not `off`.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.server.metrics_addr()
-    }
-
-    /// Serves until `shutdown` completes, then drains.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), StartError> {
-        let service = metrics::Metered::new(self.billing, self.deducts);
-        self.server
-            .serve(BillingServiceServer::new(service), shutdown)
-            .await
-    }
+/// Validates configuration, binds the listen address and prepares the
+/// service with this cost table. Serving starts with
+/// [`service_kit::App::run_until_stopped`].
+pub async fn build(config: ServiceConfig, table: CostTable) -> Result<App, StartError> {
+    let key_material = match &config.jwt.keys {
+        KeyConfig::Hs256Secret(secret) => secret.expose().clone(),
+        KeyConfig::PublicKeyPem(pem) => pem.clone(),
+        KeyConfig::Jwks(doc) => doc.clone().into_bytes(),
+    };
+    let mut server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
+    let billing = Billing::new(
+        Arc::new(table),
+        ledger::Ledger::new(server.db().clone()),
+        &key_material,
+    );
+    let deducts = metrics::DeductMetrics::default();
+    deducts.register(server.metrics_registry());
+    let service = BillingServiceServer::new(metrics::Metered::new(billing, deducts));
+    Ok(App::new(server, service))
 }

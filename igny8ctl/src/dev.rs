@@ -392,10 +392,10 @@ pub async fn run(options: DevOptions) -> Result<(), CtlError> {
         &audience,
     )?;
 
-    let billing = billing_svc::App::build(billing_config, table)
+    let billing = billing_svc::build(billing_config, table)
         .await
         .map_err(|e| bind_error("billing", "--billing-addr", e))?;
-    let settings = settings_svc::App::build(settings_config)
+    let settings = settings_svc::build(settings_config)
         .await
         .map_err(|e| bind_error("settings", "--settings-addr", e))?;
     let billing_addr = connect_addr(billing.local_addr());

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod config;
 pub mod main_helper;
 mod metrics;
@@ -20,6 +21,7 @@ mod rpc;
 pub mod server;
 pub mod telemetry;
 
+pub use app::App;
 pub use config::{ConfigError, Defaults, ServiceConfig};
 pub use server::{LIVENESS_SERVICE, Server, StartError, shutdown_signal};
 pub use telemetry::Telemetry;

@@ -8,7 +8,7 @@ fn main() -> ExitCode {
         "",
         settings_svc::DEFAULTS,
         |config| async move {
-            let app = settings_svc::App::build(config)
+            let app = settings_svc::build(config)
                 .await
                 .map_err(|e| e.to_string())?;
             app.run_until_stopped(service_kit::shutdown_signal())

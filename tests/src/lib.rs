@@ -549,7 +549,7 @@ where
 
 /// Starts billing on `db` with `config` and waits until it is SERVING.
 pub async fn spawn_billing_with(config: ServiceConfig) -> Running {
-    let app = billing_svc::App::build(config, billing_svc::CostTable::builtin())
+    let app = billing_svc::build(config, billing_svc::CostTable::builtin())
         .await
         .expect("billing builds");
     let running = start(app.local_addr(), |stopped| async move {
@@ -569,9 +569,7 @@ pub async fn spawn_billing(db: &TestDb) -> Running {
 
 /// Starts settings with `config` and waits until it is SERVING.
 pub async fn spawn_settings_with(config: ServiceConfig) -> Running {
-    let app = settings_svc::App::build(config)
-        .await
-        .expect("settings builds");
+    let app = settings_svc::build(config).await.expect("settings builds");
     let running = start(app.local_addr(), |stopped| async move {
         app.run_until_stopped(async {
             let _ = stopped.await;
@@ -742,7 +740,7 @@ impl Drop for Process {
 /// whose database is down never gets there), and returns its metrics
 /// address when `config.metrics_addr` is set.
 pub async fn start_billing_unready(config: ServiceConfig) -> (Running, Option<SocketAddr>) {
-    let app = billing_svc::App::build(config, billing_svc::CostTable::builtin())
+    let app = billing_svc::build(config, billing_svc::CostTable::builtin())
         .await
         .expect("billing builds");
     let metrics = app.metrics_addr();
