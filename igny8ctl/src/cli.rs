@@ -6,8 +6,12 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use auth_interceptor::Role;
 use billing_svc::service::MAX_CREDITS;
-use clap::{Args, Parser, Subcommand, ValueEnum, builder::BoolishValueParser};
+use clap::{
+    Args, Parser, Subcommand,
+    builder::{BoolishValueParser, TypedValueParser},
+};
 use igny8_db::DEFAULT_DATABASE_URL;
 
 use crate::{
@@ -113,32 +117,15 @@ pub enum AccountCommand {
     },
 }
 
-/// A directory role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Role {
-    /// Account owner.
-    Owner,
-    /// Account administrator.
-    Admin,
-    /// May use credits.
-    Editor,
-    /// Read-only member.
-    Viewer,
-    /// Platform staff: may act as any account.
-    Developer,
-}
-
-impl Role {
-    /// The value stored in `users.role`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Owner => "owner",
-            Role::Admin => "admin",
-            Role::Editor => "editor",
-            Role::Viewer => "viewer",
-            Role::Developer => "developer",
-        }
-    }
+/// A directory role (`owner`, `admin`, `editor`, `viewer`, `developer`),
+/// parsed by the auth crate so the CLI accepts exactly what the services
+/// recognise.
+fn role_parser() -> impl TypedValueParser<Value = Role> {
+    clap::builder::PossibleValuesParser::new(["owner", "admin", "editor", "viewer", "developer"])
+        .map(|s| {
+            s.parse::<Role>()
+                .expect("every listed value is a directory role")
+        })
 }
 
 /// `igny8ctl user …`.
@@ -153,7 +140,7 @@ pub enum UserCommand {
         #[arg(long)]
         email: String,
         /// Role.
-        #[arg(long, value_enum)]
+        #[arg(long, value_parser = role_parser())]
         role: Role,
         /// The account the user belongs to (default: none).
         #[arg(long, value_parser = id_parser())]
@@ -193,7 +180,7 @@ pub enum UserCommand {
         #[arg(long, value_parser = id_parser())]
         id: i64,
         /// The new role.
-        #[arg(long, value_enum)]
+        #[arg(long, value_parser = role_parser())]
         role: Role,
     },
 }

@@ -2,13 +2,9 @@
 //! `build` returns, so the binaries, the launcher, the tests and the bench
 //! start every service the same way.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr};
 
-use http::{Request, Response};
-use tonic::{body::Body, server::NamedService};
-use tower::Service;
-
-use crate::server::{Server, StartError};
+use crate::server::{GrpcService, Server, StartError};
 
 /// A [`Server`] and the tonic service it will serve.
 #[derive(Debug)]
@@ -17,16 +13,7 @@ pub struct App<S> {
     service: S,
 }
 
-impl<S> App<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+impl<S: GrpcService> App<S> {
     /// Pairs a bound server with its service.
     pub fn new(server: Server, service: S) -> Self {
         Self { server, service }

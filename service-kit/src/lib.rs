@@ -23,5 +23,5 @@ pub mod telemetry;
 
 pub use app::App;
 pub use config::{ConfigError, Defaults, ServiceConfig};
-pub use server::{LIVENESS_SERVICE, Server, StartError, shutdown_signal};
+pub use server::{GrpcService, LIVENESS_SERVICE, Server, StartError, shutdown_signal};
 pub use telemetry::Telemetry;

@@ -61,6 +61,32 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// What a generated tonic server (`FooServiceServer<T>`) is, as far as
+/// [`Server::serve`] needs: a named, cloneable HTTP service that never fails.
+pub trait GrpcService:
+    Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
+    + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A bound, not yet serving, igny8 server: the listeners (gRPC and
 /// metrics), the database pool, the authenticator, the health reporter and
 /// the metrics registry.
@@ -179,20 +205,11 @@ impl Server {
     /// Serves `service` until `shutdown` completes, then reports NOT_SERVING,
     /// stops accepting and drains in-flight calls for at most the configured
     /// shutdown timeout.
-    pub async fn serve<S>(
+    pub async fn serve<S: GrpcService>(
         self,
         service: S,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), StartError>
-    where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    ) -> Result<(), StartError> {
         let Server {
             migrations_pending,
             config,
