@@ -39,6 +39,10 @@ pub struct ServiceConfig {
     pub listen_addr: SocketAddr,
     /// `IGNY8_METRICS_ADDR`; `None` when set to `off`.
     pub metrics_addr: Option<SocketAddr>,
+    /// True when `metrics_addr` is the per-service default rather than
+    /// configured: if that port is taken (a second replica on one host), the
+    /// server runs without metrics instead of refusing to start.
+    pub metrics_addr_defaulted: bool,
     /// JWT verification (`IGNY8_JWT_*`).
     pub jwt: VerifierConfig,
     /// `IGNY8_RUN_MIGRATIONS` (default true).
@@ -76,6 +80,7 @@ impl ServiceConfig {
             get("IGNY8_LISTEN_ADDR"),
             defaults.listen_addr,
         )?;
+        let metrics_addr_defaulted = get("IGNY8_METRICS_ADDR").is_none();
         let metrics_addr = match get("IGNY8_METRICS_ADDR").as_deref() {
             Some("off") => None,
             other => Some(parse_addr(
@@ -132,6 +137,7 @@ impl ServiceConfig {
             database_url,
             listen_addr,
             metrics_addr,
+            metrics_addr_defaulted,
             jwt,
             run_migrations: parse_bool("IGNY8_RUN_MIGRATIONS", get("IGNY8_RUN_MIGRATIONS"), true)?,
             shutdown_timeout: Duration::from_secs(parse_num(

@@ -136,11 +136,19 @@ impl Server {
             })?;
         let metrics_listener = match config.metrics_addr {
             None => None,
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?,
-            ),
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(source) if config.metrics_addr_defaulted => {
+                    tracing::warn!(
+                        %addr,
+                        error = %source,
+                        "the default metrics address is taken; serving without /metrics \
+                         (set IGNY8_METRICS_ADDR to choose one, or `off`)"
+                    );
+                    None
+                }
+                Err(source) => return Err(StartError::Bind { addr, source }),
+            },
         };
         let auth_metrics = AuthMetrics::default();
         let metrics = Metrics::new(&auth_metrics, config.pool.max_connections);

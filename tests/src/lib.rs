@@ -407,6 +407,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
         database_url: url.to_owned(),
         listen_addr: "127.0.0.1:0".parse().expect("addr"),
         metrics_addr: None,
+        metrics_addr_defaulted: false,
         jwt: VerifierConfig::hs256(SECRET),
         run_migrations: false,
         shutdown_timeout: Duration::from_secs(5),

@@ -537,3 +537,40 @@ async fn migrations_are_applied_before_the_port_opens() {
         assert_eq!(s.settings.unwrap().account_id, 1, "{backend:?}");
     }
 }
+
+/// A second replica on one host (the default metrics port already taken)
+/// still starts, without /metrics; an explicitly configured address that is
+/// taken is a start-up error naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_default_metrics_port_does_not_stop_start_up() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    // Hold settings' default metrics port (or find it already held).
+    let _held = std::net::TcpListener::bind("0.0.0.0:9102");
+    let server = Process::start(
+        "settings-svc",
+        igny8_proto::SETTINGS_SERVICE_NAME,
+        &db.url,
+        &[("IGNY8_METRICS_ADDR", "")],
+    )
+    .await;
+    assert_eq!(
+        Running::at(server.addr)
+            .health(igny8_proto::SETTINGS_SERVICE_NAME)
+            .await,
+        ServingStatus::Serving
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(workspace_binary("settings-svc"))
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .env("IGNY8_JWT_SECRET", SECRET)
+        .env("IGNY8_LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("IGNY8_METRICS_ADDR", &addr)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&addr), "{stderr}");
+}
