@@ -250,6 +250,9 @@ impl Server {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(igny8_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // google.rpc.ErrorInfo / BadRequest: lets grpcurl print error
+                // details instead of "not recognized" and raw bytes.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
                 .with_service_name(service_name)
                 .with_service_name("grpc.health.v1.Health")
         };

@@ -146,6 +146,12 @@ async fn grpcurl_drives_billing_through_reflection() {
             && text.contains("Insufficient credits. Required: 1000, Available: 90"),
         "{text}"
     );
+    // Reflection also serves google.rpc, so grpcurl decodes the details.
+    assert!(
+        text.contains(r#""reason":"INSUFFICIENT_CREDITS""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""domain":"billing.igny8""#), "{text}");
 
     let anonymous = Grpcurl {
         addr: g.addr.clone(),
