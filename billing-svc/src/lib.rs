@@ -31,8 +31,8 @@ pub const DEFAULTS: Defaults = Defaults {
 };
 
 /// Billing-only configuration, beyond [`ServiceConfig`].
-pub const EXTRA_HELP: &str = "\
-  IGNY8_COST_TABLE_FILE         replace the built-in cost table with a .toml or .json file";
+pub const EXTRA_HELP: &str =
+    "  IGNY8_COST_TABLE_FILE         replace the built-in cost table with a .toml or .json file";
 
 /// Reads `IGNY8_COST_TABLE_FILE` (when set) or returns the built-in table.
 pub fn cost_table_from_env() -> Result<CostTable, String> {
