@@ -1,7 +1,7 @@
 //! Token validation (SPEC §2.1): signature first, algorithms pinned by
 //! configuration, then the registered claims, then igny8's `type`.
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
@@ -102,8 +102,12 @@ struct PinnedKey {
 enum Keys {
     /// One key for every token (`kid` ignored).
     Single(Box<PinnedKey>),
-    /// Keys by `kid`.
-    ByKid(HashMap<String, PinnedKey>),
+    /// A JWKS: keys by `kid`, and the sole usable key when there is just
+    /// one (for tokens that carry no `kid`).
+    Set {
+        by_kid: HashMap<String, Arc<PinnedKey>>,
+        sole: Option<Arc<PinnedKey>>,
+    },
 }
 
 /// Verifies bearer tokens against the configured keys.
@@ -115,7 +119,13 @@ impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.keys {
             Keys::Single(k) => format!("{:?}", k.validation.algorithms),
-            Keys::ByKid(m) => format!("jwks({} keys)", m.len()),
+            Keys::Set { by_kid, sole } => {
+                format!(
+                    "jwks({} by kid, sole key: {})",
+                    by_kid.len(),
+                    sole.is_some()
+                )
+            }
         };
         f.debug_struct("TokenVerifier")
             .field("keys", &kind)
@@ -158,21 +168,34 @@ impl TokenVerifier {
                 let set: JwkSet =
                     serde_json::from_str(doc).map_err(|e| format!("invalid JWKS: {e}"))?;
                 let mut by_kid = HashMap::new();
-                for jwk in &set.keys {
-                    let kid = jwk
-                        .common
-                        .key_id
-                        .clone()
-                        .ok_or("every JWKS key needs a `kid`")?;
-                    let alg = jwk_algorithm(jwk).map_err(|e| format!("JWKS key {kid:?}: {e}"))?;
-                    let key =
-                        DecodingKey::from_jwk(jwk).map_err(|e| format!("JWKS key {kid:?}: {e}"))?;
-                    by_kid.insert(kid, pin(key, alg));
+                let mut usable = Vec::new();
+                for (i, jwk) in set.keys.iter().enumerate() {
+                    let name = jwk.common.key_id.clone().unwrap_or_else(|| format!("#{i}"));
+                    // A published set may hold keys for other purposes
+                    // (encryption, other curves): skip them, loudly.
+                    let pinned = match jwk_algorithm(jwk).and_then(|alg| {
+                        DecodingKey::from_jwk(jwk)
+                            .map(|key| Arc::new(pin(key, alg)))
+                            .map_err(|e| e.to_string())
+                    }) {
+                        Ok(pinned) => pinned,
+                        Err(e) => {
+                            tracing::warn!(key = %name, "JWKS key skipped: {e}");
+                            continue;
+                        }
+                    };
+                    if let Some(kid) = &jwk.common.key_id {
+                        by_kid.insert(kid.clone(), pinned.clone());
+                    }
+                    usable.push(pinned);
                 }
-                if by_kid.is_empty() {
-                    return Err("JWKS has no keys".into());
+                if usable.is_empty() {
+                    return Err(
+                        "JWKS has no usable key (RSA, EC P-256 or Ed25519 public keys)".into(),
+                    );
                 }
-                Keys::ByKid(by_kid)
+                let sole = (usable.len() == 1).then(|| usable.remove(0));
+                Keys::Set { by_kid, sole }
             }
         };
         Ok(Self { keys })
@@ -184,15 +207,21 @@ impl TokenVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::TokenTooLarge(token.len()));
         }
-        let pinned = match &self.keys {
+        let pinned: &PinnedKey = match &self.keys {
             Keys::Single(k) => k,
-            Keys::ByKid(keys) => {
+            Keys::Set { by_kid, sole } => {
                 let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
-                let kid = header
-                    .kid
-                    .ok_or_else(|| AuthError::InvalidToken("token has no `kid`".into()))?;
-                keys.get(&kid)
-                    .ok_or_else(|| AuthError::InvalidToken(format!("unknown key id {kid:?}")))?
+                match (header.kid, sole) {
+                    (Some(kid), _) => by_kid.get(&kid).ok_or_else(|| {
+                        AuthError::InvalidToken(format!("unknown key id {kid:?}"))
+                    })?,
+                    (None, Some(sole)) => sole,
+                    (None, None) => {
+                        return Err(AuthError::InvalidToken(
+                            "token has no `kid` and the key set has several keys".into(),
+                        ));
+                    }
+                }
             }
         };
         let data = jsonwebtoken::decode::<RawClaims>(token, &pinned.key, &pinned.validation)

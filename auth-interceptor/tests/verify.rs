@@ -413,27 +413,38 @@ fn jwks_selects_the_key_by_kid_and_pins_its_algorithm() {
 }
 
 #[test]
-fn jwks_without_kids_or_with_secret_keys_is_a_configuration_error() {
-    let mut no_kid = jwk(Algorithm::RS256, "rsa_private.pem", "x");
-    no_kid.common.key_id = None;
-    let doc = serde_json::to_string(&JwkSet { keys: vec![no_kid] }).unwrap();
-    assert!(
-        TokenVerifier::new(&VerifierConfig {
-            keys: KeyConfig::Jwks(doc),
-            ..VerifierConfig::hs256(SECRET)
-        })
-        .is_err()
-    );
+fn jwks_tolerates_foreign_keys_and_a_lone_key_without_kid() {
     let mut oct =
         Jwk::from_encoding_key(&EncodingKey::from_secret(SECRET), Algorithm::HS256).unwrap();
     oct.common.key_id = Some("hs".into());
-    let doc = serde_json::to_string(&JwkSet { keys: vec![oct] }).unwrap();
-    assert!(
-        TokenVerifier::new(&VerifierConfig {
-            keys: KeyConfig::Jwks(doc),
-            ..VerifierConfig::hs256(SECRET)
-        })
-        .is_err()
+    let config = |keys: Vec<Jwk>| VerifierConfig {
+        keys: KeyConfig::Jwks(serde_json::to_string(&JwkSet { keys }).unwrap()),
+        ..VerifierConfig::hs256(SECRET)
+    };
+    // Only a symmetric key: nothing usable, a configuration error.
+    assert!(TokenVerifier::new(&config(vec![oct.clone()])).is_err());
+    // A usable key beside a foreign one: the foreign one is skipped, and an
+    // HS256 token signed with its secret is still refused.
+    let mut lone = jwk(Algorithm::ES256, "ec_private.pem", "x");
+    lone.common.key_id = None;
+    let v = TokenVerifier::new(&config(vec![oct, lone])).unwrap();
+    rejected(&v, &hs(&access(json!({}))));
+    // The one usable key serves tokens that carry no kid.
+    v.verify(&signed(
+        Algorithm::ES256,
+        "ec_private.pem",
+        None,
+        &access(json!({})),
+    ))
+    .unwrap();
+    rejected(
+        &v,
+        &signed(
+            Algorithm::ES256,
+            "ec_private.pem",
+            Some("x"),
+            &access(json!({})),
+        ),
     );
     assert!(TokenVerifier::new(&VerifierConfig::hs256(Vec::new())).is_err());
 }

@@ -422,7 +422,7 @@ impl BillingService for Billing {
             .into());
         }
         check_key(&r.idempotency_key)?;
-        check_text("reason", &r.reason, true)?;
+        check_text("reason", &r.reason, false)?;
         let request_hash = grant_fingerprint(r.credits, &r.reason);
         let applied = self
             .ledger

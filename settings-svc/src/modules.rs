@@ -32,9 +32,27 @@ pub fn index(module: Module) -> Option<usize> {
     MODULES.iter().position(|m| *m == module)
 }
 
-/// The index of a field name in [`FIELDS`].
+/// The index of a field name in [`FIELDS`]; the lowerCamelCase JSON name
+/// (`writerEnabled`) is accepted too, as clients that build masks from JSON
+/// names send it.
 pub fn field_index(path: &str) -> Option<usize> {
-    FIELDS.iter().position(|f| *f == path)
+    FIELDS.iter().position(|f| *f == path || camel(f) == path)
+}
+
+fn camel(snake: &str) -> String {
+    let mut out = String::with_capacity(snake.len());
+    let mut upper = false;
+    for c in snake.chars() {
+        match c {
+            '_' => upper = true,
+            c if upper => {
+                out.push(c.to_ascii_uppercase());
+                upper = false;
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -51,5 +69,8 @@ mod tests {
             assert_eq!(FIELDS[i], format!("{name}_enabled"));
         }
         assert_eq!(index(Module::Unspecified), None);
+        assert_eq!(field_index("site_builder_enabled"), Some(4));
+        assert_eq!(field_index("siteBuilderEnabled"), Some(4));
+        assert_eq!(field_index("SiteBuilderEnabled"), None);
     }
 }

@@ -609,7 +609,7 @@ async fn grants_by_staff_only(b: Backend) {
             ..grant("b2")
         },
         GrantRequest {
-            reason: String::new(),
+            reason: "r".repeat(513),
             ..grant("b3")
         },
         GrantRequest {
@@ -622,7 +622,17 @@ async fn grants_by_staff_only(b: Backend) {
             Code::InvalidArgument
         );
     }
-    assert_eq!(db.balance(ACCOUNT).await, 50);
+    // A reason is optional.
+    let r = dev
+        .grant(GrantRequest {
+            reason: String::new(),
+            ..grant("no-reason")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.balance, 75);
+    assert_eq!(db.balance(ACCOUNT).await, 75);
     assert_ledger_matches(&db, ACCOUNT, 0).await;
 }
 
