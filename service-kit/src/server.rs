@@ -374,9 +374,26 @@ impl Health {
 /// answers, short enough that an unreachable one does not hold start-up.
 const STARTUP_MIGRATION_BOUND: Duration = Duration::from_secs(10);
 
-/// Tries once to apply migrations; true when they are applied.
+/// Tries to apply migrations; true when they are applied. Two services
+/// starting together on one fresh database race to apply the same
+/// migrations and the loser fails; a few quick retries let it find them
+/// applied instead of coming up NOT_SERVING for a readiness round.
 async fn migrate_at_start(db: &Db) -> bool {
-    match tokio::time::timeout(STARTUP_MIGRATION_BOUND, db.migrate()).await {
+    let attempts = async {
+        let mut last = None;
+        for attempt in 0..5u64 {
+            match db.migrate().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(attempt, error = %e, "migrations not applied yet");
+                    last = Some(e);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+        }
+        Err(last.expect("at least one attempt"))
+    };
+    match tokio::time::timeout(STARTUP_MIGRATION_BOUND, attempts).await {
         Ok(Ok(())) => {
             tracing::info!("database migrations applied");
             true
