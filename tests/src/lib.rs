@@ -866,3 +866,32 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A `Deduct` of raw credits under `key`.
+pub fn deduct_credits(credits: i64, key: &str) -> igny8_proto::billing::v1::DeductRequest {
+    igny8_proto::billing::v1::DeductRequest {
+        cost: Some(igny8_proto::billing::v1::deduct_request::Cost::Credits(
+            credits,
+        )),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}
+
+/// A `Deduct` of `quantity` of `operation` under `key`.
+pub fn deduct_usage(
+    operation: &str,
+    quantity: u64,
+    key: &str,
+) -> igny8_proto::billing::v1::DeductRequest {
+    igny8_proto::billing::v1::DeductRequest {
+        cost: Some(igny8_proto::billing::v1::deduct_request::Cost::Usage(
+            igny8_proto::billing::v1::Usage {
+                operation: operation.into(),
+                quantity,
+            },
+        )),
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
+}

@@ -8,9 +8,7 @@ use auth_interceptor::{
     SqlDirectory, VerifiedToken,
 };
 use igny8_proto::{
-    billing::v1::{
-        DeductRequest, GetBalanceRequest, GetCreditCostRequest, GrantRequest, deduct_request,
-    },
+    billing::v1::{GetBalanceRequest, GetCreditCostRequest, GrantRequest},
     settings::v1::{
         CheckModuleRequest, GetModuleSettingsRequest, Module, UpdateModuleSettingsRequest,
     },
@@ -299,11 +297,7 @@ async fn deactivation_and_role_changes_apply_within_a_second(b: Backend) {
     let server = spawn_billing(&db).await;
     let token = access_token(13, None);
     let mut c = server.billing(&token, None).await;
-    let deduct = |key: &str| DeductRequest {
-        cost: Some(deduct_request::Cost::Credits(1)),
-        idempotency_key: key.into(),
-        ..Default::default()
-    };
+    let deduct = |key: &str| deduct_credits(1, key);
     c.deduct(deduct("a")).await.unwrap();
     db.set_user_role(13, "viewer").await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -357,11 +351,7 @@ async fn spoofed_identity_metadata_is_replaced(b: Backend) {
         }
     );
     // The spoofed role did not make the viewer a developer either.
-    let mut req = Request::new(DeductRequest {
-        cost: Some(deduct_request::Cost::Credits(1)),
-        idempotency_key: "k".into(),
-        ..Default::default()
-    });
+    let mut req = Request::new(deduct_credits(1, "k"));
     req.metadata_mut()
         .insert("x-igny8-role", MetadataValue::from_static("owner"));
     assert_eq!(
@@ -571,14 +561,7 @@ async fn permission_matrix(b: Backend) {
                     .list_transactions(igny8_proto::billing::v1::ListTransactionsRequest::default())
                     .await
                     .map(|_| ()),
-                "Deduct" => bc
-                    .deduct(DeductRequest {
-                        cost: Some(deduct_request::Cost::Credits(1)),
-                        idempotency_key: key,
-                        ..Default::default()
-                    })
-                    .await
-                    .map(|_| ()),
+                "Deduct" => bc.deduct(deduct_credits(1, &key)).await.map(|_| ()),
                 "Grant" => bc
                     .grant(GrantRequest {
                         credits: 1,
@@ -662,13 +645,7 @@ async fn tokens_never_reach_logs() {
             auth_interceptor::BearerInterceptor::new(token.as_str()).unwrap(),
         );
         let _ = c.get_balance(GetBalanceRequest {}).await;
-        let _ = c
-            .deduct(DeductRequest {
-                cost: Some(deduct_request::Cost::Credits(1)),
-                idempotency_key: "k".into(),
-                ..Default::default()
-            })
-            .await;
+        let _ = c.deduct(deduct_credits(1, "k")).await;
     }
     drop(server);
     let logs = std::fs::read_to_string(log.path()).unwrap();

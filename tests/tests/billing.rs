@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use igny8_proto::billing::v1::{
     CheckRequest, DeductRequest, GetBalanceRequest, GetCreditCostRequest, GrantRequest,
     ListCreditCostsRequest, ListTransactionsRequest, TransactionKind, Usage, check_request,
-    deduct_request,
 };
 use igny8_tests::*;
 use tonic::Code;
@@ -28,25 +27,6 @@ async fn setup(backend: Backend, credits: i64) -> (TestDb, Running) {
     db.user(DEV).account(99).role("developer").create().await;
     let server = spawn_billing(&db).await;
     (db, server)
-}
-
-fn deduct_usage(op: &str, quantity: u64, key: &str) -> DeductRequest {
-    DeductRequest {
-        cost: Some(deduct_request::Cost::Usage(Usage {
-            operation: op.into(),
-            quantity,
-        })),
-        idempotency_key: key.into(),
-        ..Default::default()
-    }
-}
-
-fn deduct_credits(credits: i64, key: &str) -> DeductRequest {
-    DeductRequest {
-        cost: Some(deduct_request::Cost::Credits(credits)),
-        idempotency_key: key.into(),
-        ..Default::default()
-    }
 }
 
 async fn assert_ledger_matches(db: &TestDb, account: i64, started_at: i64) {

@@ -22,9 +22,7 @@ use std::{
 };
 
 use igny8_db::Db;
-use igny8_proto::billing::v1::{
-    DeductRequest, GetBalanceRequest, GetCreditCostRequest, deduct_request,
-};
+use igny8_proto::billing::v1::{GetBalanceRequest, GetCreditCostRequest};
 use igny8_tests::*;
 use tonic::Code;
 use tonic_health::pb::{
@@ -33,15 +31,7 @@ use tonic_health::pb::{
 
 const ACCOUNT: i64 = 1;
 const EDITOR: i64 = 10;
-const BILLING: &str = "igny8.billing.v1.BillingService";
-
-fn deduct(credits: i64, key: &str) -> DeductRequest {
-    DeductRequest {
-        cost: Some(deduct_request::Cost::Credits(credits)),
-        idempotency_key: key.into(),
-        ..Default::default()
-    }
-}
+const BILLING: &str = igny8_proto::BILLING_SERVICE_NAME;
 
 // ---------------------------------------------------------------------------
 // In-process: the database is down, or goes away.
@@ -381,7 +371,11 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     let calls: Vec<_> = (0..IN_FLIGHT)
         .map(|i| {
             let mut client = client.clone();
-            tokio::spawn(async move { client.deduct(deduct(5, &format!("drain-{i}"))).await })
+            tokio::spawn(async move {
+                client
+                    .deduct(deduct_credits(5, &format!("drain-{i}")))
+                    .await
+            })
         })
         .collect();
     eventually(
@@ -454,7 +448,7 @@ async fn drain_is_bounded_by_the_shutdown_timeout() {
     let running = Running::at(binary.addr);
     let lock = lock_account(&db).await;
     let mut client = running.billing(&access_token(EDITOR, None), None).await;
-    let stuck = tokio::spawn(async move { client.deduct(deduct(5, "stuck")).await });
+    let stuck = tokio::spawn(async move { client.deduct(deduct_credits(5, "stuck")).await });
     eventually(
         Duration::from_secs(15),
         "the Deduct blocked on the row lock",
@@ -495,7 +489,7 @@ async fn unreachable_collector_delays_neither_start_nor_exit() {
     let running = Running::at(binary.addr);
     let mut client = running.billing(&access_token(EDITOR, None), None).await;
     client
-        .deduct(deduct(5, "traced"))
+        .deduct(deduct_credits(5, "traced"))
         .await
         .expect("calls work without a collector");
     binary.sigterm();

@@ -2,7 +2,7 @@
 //! of calls, every series the operators alert on is there with the right
 //! count.
 
-use igny8_proto::billing::v1::{DeductRequest, GetBalanceRequest, deduct_request};
+use igny8_proto::billing::v1::GetBalanceRequest;
 use igny8_tests::*;
 use tonic::Code;
 
@@ -13,15 +13,7 @@ const VIEWER: i64 = 11;
 /// Moved from OTHER to ACCOUNT after their token was issued.
 const MOVED: i64 = 12;
 
-const BILLING: &str = "igny8.billing.v1.BillingService";
-
-fn deduct(credits: i64, key: &str) -> DeductRequest {
-    DeductRequest {
-        cost: Some(deduct_request::Cost::Credits(credits)),
-        idempotency_key: key.into(),
-        ..Default::default()
-    }
-}
+const BILLING: &str = igny8_proto::BILLING_SERVICE_NAME;
 
 fn handled(method: &str, code: &str) -> String {
     format!(
@@ -67,7 +59,7 @@ async fn metrics_count_rpcs_auth_deducts_and_pool() {
         .expect("balance");
     // Denied: a viewer may not deduct.
     let mut viewer = server.billing(&access_token(VIEWER, None), None).await;
-    let err = viewer.deduct(deduct(1, "v")).await.unwrap_err();
+    let err = viewer.deduct(deduct_credits(1, "v")).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     // Unauthenticated: a token that does not verify.
     let mut stranger = server.billing("not-a-jwt", None).await;
@@ -87,14 +79,20 @@ async fn metrics_count_rpcs_auth_deducts_and_pool() {
         .into_inner();
     assert_eq!(balance.account_id, ACCOUNT);
     // Every deduct outcome.
-    editor.deduct(deduct(30, "a")).await.expect("deduct");
-    let replay = editor.deduct(deduct(30, "a")).await.expect("replay");
+    editor
+        .deduct(deduct_credits(30, "a"))
+        .await
+        .expect("deduct");
+    let replay = editor
+        .deduct(deduct_credits(30, "a"))
+        .await
+        .expect("replay");
     assert!(replay.into_inner().replayed);
-    let err = editor.deduct(deduct(500, "b")).await.unwrap_err();
+    let err = editor.deduct(deduct_credits(500, "b")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    let err = editor.deduct(deduct(31, "a")).await.unwrap_err();
+    let err = editor.deduct(deduct_credits(31, "a")).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
-    let err = editor.deduct(deduct(1, "")).await.unwrap_err();
+    let err = editor.deduct(deduct_credits(1, "")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // A public call is counted under its own service.
     server.health(BILLING).await;

@@ -39,6 +39,44 @@ fn update(settings: ModuleSettings, paths: &[&str]) -> UpdateModuleSettingsReque
     }
 }
 
+type Client = igny8_proto::settings::v1::settings_service_client::SettingsServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        auth_interceptor::BearerInterceptor,
+    >,
+>;
+
+/// The switches after an update that must succeed.
+async fn updated(c: &mut Client, settings: ModuleSettings, paths: &[&str]) -> ModuleSettings {
+    c.update_module_settings(update(settings, paths))
+        .await
+        .unwrap()
+        .into_inner()
+        .settings
+        .unwrap()
+}
+
+/// The account's current switches.
+async fn current(c: &mut Client) -> ModuleSettings {
+    c.get_module_settings(GetModuleSettingsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .settings
+        .unwrap()
+}
+
+/// Whether `module` is enabled, by CheckModule.
+async fn enabled(c: &mut Client, module: Module) -> bool {
+    c.check_module(CheckModuleRequest {
+        module: module as i32,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .enabled
+}
+
 fn flags(s: &ModuleSettings) -> [bool; 8] {
     [
         s.planner_enabled,
@@ -77,13 +115,7 @@ async fn first_read_creates_all_enabled(b: Backend) {
     assert_eq!(flags(&s), [true; 8]);
     assert!(s.create_time.is_some() && s.update_time.is_some());
     assert_eq!(db.settings_rows(A1).await, 1);
-    let again = c
-        .get_module_settings(GetModuleSettingsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let again = current(&mut c).await;
     assert_eq!(again.create_time, s.create_time);
     for m in ALL_MODULES {
         let r = c
@@ -140,13 +172,7 @@ async fn check_module_fails_closed(b: Backend) {
 async fn field_mask_updates(b: Backend) {
     let (db, server) = setup(b).await;
     let mut c = server.settings(&access_token(ADMIN, None), None).await;
-    let before = c
-        .get_module_settings(GetModuleSettingsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let before = current(&mut c).await;
 
     // Only the masked field changes, whatever else the message says.
     let s = ModuleSettings {
@@ -155,13 +181,7 @@ async fn field_mask_updates(b: Backend) {
         account_id: A2,
         ..Default::default()
     };
-    let r = c
-        .update_module_settings(update(s, &["writer_enabled"]))
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let r = updated(&mut c, s, &["writer_enabled"]).await;
     assert_eq!(flags(&r), [true, false, true, true, true, true, true, true]);
     assert_eq!(r.account_id, A1, "the account never comes from the body");
     assert_eq!(r.create_time, before.create_time);
@@ -181,13 +201,7 @@ async fn field_mask_updates(b: Backend) {
         publisher_enabled: false,
         ..Default::default()
     };
-    let r = c
-        .update_module_settings(update(s, &["linker_enabled", "publisher_enabled"]))
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let r = updated(&mut c, s, &["linker_enabled", "publisher_enabled"]).await;
     assert_eq!(
         flags(&r),
         [true, false, true, true, true, false, true, false]
@@ -199,13 +213,7 @@ async fn field_mask_updates(b: Backend) {
         optimizer_enabled: false,
         ..Default::default()
     };
-    let r = c
-        .update_module_settings(update(s, &[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let r = updated(&mut c, s, &[]).await;
     assert_eq!(
         flags(&r),
         [true, true, true, true, true, false, true, false]
@@ -228,13 +236,7 @@ async fn field_mask_updates(b: Backend) {
         thinker_enabled: true,
         ..Default::default()
     };
-    let r = c
-        .update_module_settings(update(s, &["*"]))
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let r = updated(&mut c, s, &["*"]).await;
     assert_eq!(
         flags(&r),
         [false, false, true, false, false, false, false, false]
@@ -269,13 +271,7 @@ async fn field_mask_updates(b: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let now = c
-        .get_module_settings(GetModuleSettingsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let now = current(&mut c).await;
     assert_eq!(
         flags(&now),
         [false, false, true, false, false, false, false, false]
@@ -286,19 +282,15 @@ async fn field_mask_updates(b: Backend) {
 async fn update_creates_the_row_when_missing(b: Backend) {
     let (db, server) = setup(b).await;
     let mut c = server.settings(&access_token(ADMIN, None), None).await;
-    let r = c
-        .update_module_settings(update(
-            ModuleSettings {
-                automation_enabled: false,
-                ..Default::default()
-            },
-            &["automation_enabled"],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let r = updated(
+        &mut c,
+        ModuleSettings {
+            automation_enabled: false,
+            ..Default::default()
+        },
+        &["automation_enabled"],
+    )
+    .await;
     assert_eq!(flags(&r), [true, true, true, false, true, true, true, true]);
     assert_eq!(db.settings_rows(A1).await, 1);
 }
@@ -312,33 +304,11 @@ async fn tenants_are_isolated(b: Backend) {
     one.update_module_settings(update(ModuleSettings::default(), &["planner_enabled"]))
         .await
         .unwrap();
-    let theirs = two
-        .get_module_settings(GetModuleSettingsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .settings
-        .unwrap();
+    let theirs = current(&mut two).await;
     assert_eq!(theirs.account_id, A2);
     assert!(theirs.planner_enabled);
-    assert!(
-        two.check_module(CheckModuleRequest {
-            module: Module::Planner as i32
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .enabled
-    );
-    assert!(
-        !one.check_module(CheckModuleRequest {
-            module: Module::Planner as i32
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .enabled
-    );
+    assert!(enabled(&mut two, Module::Planner).await);
+    assert!(!enabled(&mut one, Module::Planner).await);
 }
 
 async fn other_replicas_see_updates_within_a_second(b: Backend) {
