@@ -7,6 +7,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, Secret, VerifierConfig};
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
 
+use crate::tls::TlsFiles;
+
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
@@ -57,6 +59,9 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
+    /// `IGNY8_TLS_CERT_FILE`, `IGNY8_TLS_KEY_FILE`, `IGNY8_TLS_CLIENT_CA_FILE`:
+    /// gRPC over TLS (and mTLS) when set; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 impl ServiceConfig {
@@ -166,14 +171,20 @@ impl ServiceConfig {
             },
             log_format,
             otlp_endpoint: parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT"))?,
+            tls: TlsFiles::from_vars(
+                get(crate::tls::CERT_VAR),
+                get(crate::tls::KEY_VAR),
+                get(crate::tls::CLIENT_CA_VAR),
+            )
+            .map_err(ConfigError)?,
         })
     }
 }
 
-/// The collector address for OTLP over gRPC. Only plaintext `http://` is
-/// accepted: the build carries no TLS stack (collectors are reached inside
-/// the cluster or through a local agent), and an `https://` endpoint would
-/// otherwise fail on every export instead of at start-up.
+/// The collector address for OTLP over gRPC: `http://` (plaintext) or
+/// `https://` (TLS, the collector's certificate verified against the public
+/// Mozilla roots). Anything else would fail on every export instead of at
+/// start-up.
 fn parse_otlp_endpoint(value: Option<String>) -> Result<Option<String>, ConfigError> {
     let Some(value) = value else {
         return Ok(None);
@@ -185,12 +196,9 @@ fn parse_otlp_endpoint(value: Option<String>) -> Result<Option<String>, ConfigEr
         ))
     })?;
     match (uri.scheme_str(), uri.host()) {
-        (Some("http"), Some(_)) => Ok(Some(value)),
-        (Some("https"), _) => Err(ConfigError(format!(
-            "OTEL_EXPORTER_OTLP_ENDPOINT: https is not supported by this build (no TLS); use a plaintext http:// collector or a local agent, got {value:?}"
-        ))),
+        (Some("http" | "https"), Some(_)) => Ok(Some(value)),
         _ => Err(ConfigError(format!(
-            "OTEL_EXPORTER_OTLP_ENDPOINT must be an http://host:port URL (OTLP/gRPC, usually port 4317), got {value:?}"
+            "OTEL_EXPORTER_OTLP_ENDPOINT must be an http://host:port or https://host:port URL (OTLP/gRPC, usually port 4317), got {value:?}"
         ))),
     }
 }
@@ -356,9 +364,20 @@ mod tests {
             (
                 vec![
                     ("IGNY8_JWT_SECRET", "s"),
-                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317"),
                 ],
-                "https",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_TLS_CERT_FILE", "/c.pem")],
+                "IGNY8_TLS_KEY_FILE",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("IGNY8_TLS_CLIENT_CA_FILE", "/ca.pem"),
+                ],
+                "IGNY8_TLS_CLIENT_CA_FILE",
             ),
         ] {
             let err = load(&pairs).unwrap_err().to_string();

@@ -6,6 +6,7 @@
 //!   endpoint, and SIGTERM drain;
 //! - [`telemetry`]: logs (text or JSON) and OpenTelemetry trace export with
 //!   W3C trace-context propagation;
+//! - [`tls`]: gRPC server TLS and mTLS, certificates re-read on change;
 //! - [`main_helper`]: the `main` both binaries share.
 //!
 //! A service supplies its tonic service and its name; [`server::Server`]
@@ -20,6 +21,7 @@ mod metrics;
 mod rpc;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::App;
 pub use config::{ConfigError, Defaults, ServiceConfig};

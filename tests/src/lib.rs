@@ -10,6 +10,8 @@
 //! let mut client = billing.client(&access_token(10, Some(1)), None).await;
 //! ```
 
+pub mod pki;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use auth_interceptor::{BearerInterceptor, VerifierConfig};
@@ -415,6 +417,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
         directory_cache_ttl: auth_interceptor::DEFAULT_CACHE_TTL,
         log_format: LogFormat::Text,
         otlp_endpoint: None,
+        tls: None,
     }
 }
 
