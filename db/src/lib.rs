@@ -183,7 +183,7 @@ impl Db {
     /// One or two small queries; also answers whether the database is up.
     pub async fn missing_migrations(&self) -> Result<Vec<MissingMigration>, DbError> {
         const APPLIED: &str = "SELECT version, checksum, success FROM _sqlx_migrations";
-        let (migrator, applied): (&Migrator, Vec<(i64, Vec<u8>, bool)>) = match self {
+        let (migrator, applied): (&Migrator, Vec<AppliedMigration>) = match self {
             Db::Postgres(pool) => {
                 let exists: bool =
                     sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
@@ -276,6 +276,9 @@ impl BeginWrite for SqlitePool {
         self.begin_with("BEGIN IMMEDIATE").await
     }
 }
+
+/// A `_sqlx_migrations` row: version, checksum, success.
+type AppliedMigration = (i64, Vec<u8>, bool);
 
 /// A migration the binary needs that the database does not have.
 #[derive(Debug, Clone, PartialEq, Eq)]
