@@ -62,6 +62,11 @@ pub struct ServiceConfig {
     /// `IGNY8_TLS_CERT_FILE`, `IGNY8_TLS_KEY_FILE`, `IGNY8_TLS_CLIENT_CA_FILE`:
     /// gRPC over TLS (and mTLS) when set; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
+    /// `IGNY8_HEALTH_ADDR`: an extra plaintext listener serving only
+    /// `grpc.health.v1.Health`, for probes that cannot speak TLS (the
+    /// kubelet's gRPC probe); `None` (unset or `off`): health is served on
+    /// the gRPC port only.
+    pub health_addr: Option<SocketAddr>,
 }
 
 impl ServiceConfig {
@@ -177,6 +182,10 @@ impl ServiceConfig {
                 get(crate::tls::CLIENT_CA_VAR),
             )
             .map_err(ConfigError)?,
+            health_addr: match get("IGNY8_HEALTH_ADDR").as_deref() {
+                None | Some("off") => None,
+                Some(value) => Some(parse_addr("IGNY8_HEALTH_ADDR", Some(value.to_owned()), "")?),
+            },
         })
     }
 }

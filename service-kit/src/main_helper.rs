@@ -29,6 +29,8 @@ Configuration (environment):
   IGNY8_TLS_CERT_FILE           serve gRPC over TLS: certificate chain (PEM), re-read on change
   IGNY8_TLS_KEY_FILE            its private key (PEM); set both or neither (default plaintext)
   IGNY8_TLS_CLIENT_CA_FILE      require client certificates from these CAs (mTLS)
+  IGNY8_HEALTH_ADDR             extra plaintext port serving only gRPC health, for probes
+                                that cannot speak TLS (default off)
   OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC collector, http(s)://host:4317 (unset: no trace export)
   RUST_LOG                      log filter (default info)";
 

@@ -104,6 +104,7 @@ pub struct Server {
     metrics: Metrics,
     health: Health,
     tls: Option<Arc<ReloadingTls>>,
+    health_listener: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -163,6 +164,14 @@ impl Server {
                 Err(source) => return Err(StartError::Bind { addr, source }),
             },
         };
+        let health_listener = match config.health_addr {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+        };
         let auth_metrics = AuthMetrics::default();
         let metrics = Metrics::new(&auth_metrics, config.pool.max_connections);
         let directory =
@@ -190,6 +199,7 @@ impl Server {
             metrics,
             health,
             tls,
+            health_listener,
         })
     }
 
@@ -198,6 +208,14 @@ impl Server {
         self.listener
             .local_addr()
             .expect("a bound TCP listener has a local address")
+    }
+
+    /// The bound plaintext health address, when `IGNY8_HEALTH_ADDR` is set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref().map(|l| {
+            l.local_addr()
+                .expect("a bound TCP listener has a local address")
+        })
     }
 
     /// The bound metrics address, when metrics are on (useful with port 0).
@@ -243,6 +261,7 @@ impl Server {
             metrics,
             health,
             tls,
+            health_listener,
             ..
         } = self;
         let rpc_layer = RpcLayer::new(
@@ -299,6 +318,20 @@ impl Server {
                 let _ = draining_tx.send(true);
             }
         };
+        // Plaintext health for probes that cannot speak TLS: the same
+        // reporter, nothing else on this port.
+        let health_server = health_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving plaintext grpc.health.v1.Health for probes");
+            }
+            let service =
+                HealthServer::new(HealthService::from_health_reporter(health.reporter.clone()));
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            )
+        });
         let addr = listener.local_addr().ok();
         tracing::info!(
             service = service_name,
@@ -350,6 +383,9 @@ impl Server {
         }
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
+        }
+        if let Some(health_server) = health_server {
+            health_server.abort();
         }
         tracing::info!(service = service_name, "stopped");
         result

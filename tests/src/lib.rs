@@ -418,6 +418,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
         log_format: LogFormat::Text,
         otlp_endpoint: None,
         tls: None,
+        health_addr: None,
     }
 }
 
@@ -624,7 +625,28 @@ pub fn grpcurl() -> PathBuf {
 pub fn workspace_binary(name: &str) -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
-        let status = std::process::Command::new(env!("CARGO"))
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        // `cargo test` sets CARGO_PKG_NAME, CARGO_MANIFEST_DIR and friends for
+        // the test binary; inherited here, they differ from a top-level
+        // build's environment, and build scripts that watch them (ring's)
+        // would rebuild ring and everything above it on every switch.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+                || key == "CARGO_PRIMARY_PACKAGE"
+                || key == "CARGO_TARGET_TMPDIR"
+            {
+                cargo.env_remove(key.as_ref());
+            }
+        }
+        let status = cargo
             .args([
                 "build",
                 "--quiet",

@@ -180,9 +180,41 @@ async fn tls_serves_tonic_clients_and_refuses_plaintext_and_unknown_cas() {
     let ca = Ca::new("igny8 test CA");
     let rogue = Ca::new("someone else's CA");
     let files = Files::new(&ca.server(), None);
-    let (server, _) = start_billing_unready(tls_config(&db, files.tls(false))).await;
+    let mut config = tls_config(&db, files.tls(false));
+    config.health_addr = Some("127.0.0.1:0".parse().expect("addr"));
+    let app = billing_svc::build(config, billing_svc::CostTable::builtin())
+        .await
+        .expect("billing builds");
+    let health_addr = app.health_addr().expect("health port on");
+    let server_addr = app.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let server = Running::at(server_addr);
     let client = Client::trusting(&ca);
     client.wait_serving(server.addr).await;
+    // Probes that cannot speak TLS (the kubelet's) use the plaintext
+    // health port, which serves health and nothing else.
+    assert_eq!(
+        health_at(health_addr, BILLING)
+            .await
+            .expect("plaintext health"),
+        ServingStatus::Serving
+    );
+    let other = BillingServiceClient::new(
+        Channel::from_shared(format!("http://{health_addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the health port"),
+    )
+    .get_balance(GetBalanceRequest {})
+    .await;
+    assert_eq!(
+        other.expect_err("only health on the health port").code(),
+        tonic::Code::Unimplemented
+    );
 
     let token = access_token(10, Some(1));
     assert_eq!(client.balance(server.addr, &token).await, Ok(100));
@@ -204,7 +236,12 @@ async fn tls_serves_tonic_clients_and_refuses_plaintext_and_unknown_cas() {
         with_cert.health(server.addr).await,
         Ok(ServingStatus::Serving)
     );
-    server.stop().await.expect("clean stop");
+    let _ = stop.send(());
+    handle.await.expect("server task").expect("clean stop");
+    assert!(
+        health_at(health_addr, BILLING).await.is_err(),
+        "the health port closes with the server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
