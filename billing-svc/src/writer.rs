@@ -244,6 +244,15 @@ struct Shard {
     waiting: Arc<Mutex<HashMap<i64, usize>>>,
 }
 
+/// The writer's clock: decides when holds expire. Tests replace it to
+/// drive expiry without sleeping.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
 /// A commit hook: called after every committed batch with the accounts it
 /// changed (in-process change notification).
 pub type OnCommit = Arc<dyn Fn(&[i64]) + Send + Sync>;
@@ -268,6 +277,11 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Starts one writer task per shard on the current Tokio runtime.
     pub fn start(db: Db, config: WriterConfig) -> Self {
+        Self::start_with_clock(db, config, system_clock())
+    }
+
+    /// [`Writer::start`] with a given clock.
+    pub fn start_with_clock(db: Db, config: WriterConfig, clock: Clock) -> Self {
         let on_commit: Arc<Mutex<Option<OnCommit>>> = Arc::default();
         let shards = (0..config.shards.max(1))
             .map(|_| {
@@ -279,6 +293,7 @@ impl Writer {
                     config.max_batch.max(1),
                     waiting.clone(),
                     on_commit.clone(),
+                    clock.clone(),
                 ));
                 Shard { tx, waiting }
             })
@@ -351,6 +366,7 @@ async fn run_shard(
     max_batch: usize,
     waiting: Arc<Mutex<HashMap<i64, usize>>>,
     on_commit: Arc<Mutex<Option<OnCommit>>>,
+    clock: Clock,
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut jobs, max_batch).await > 0 {
@@ -363,7 +379,7 @@ async fn run_shard(
             continue;
         }
         let batch: Vec<Job> = std::mem::take(&mut jobs);
-        let changed = process(&db, batch).await;
+        let changed = process(&db, batch, &clock).await;
         if !changed.is_empty() {
             let hook = on_commit.lock().expect("hook lock").clone();
             if let Some(hook) = hook {
@@ -374,10 +390,10 @@ async fn run_shard(
 }
 
 /// Applies a batch and answers its callers; returns the accounts changed.
-async fn process(db: &Db, batch: Vec<Job>) -> Vec<i64> {
+async fn process(db: &Db, batch: Vec<Job>, clock: &Clock) -> Vec<i64> {
     let requests: Vec<(i64, &Op)> = batch.iter().map(|j| (j.account, &j.op)).collect();
     let size = batch.len();
-    match apply_batch(db, &requests).await {
+    match apply_batch(db, &requests, clock).await {
         Ok((answers, changed)) => {
             metrics::record_batch(size);
             for (job, answer) in batch.into_iter().zip(answers) {
@@ -390,7 +406,7 @@ async fn process(db: &Db, batch: Vec<Job>) -> Vec<i64> {
             let mut changed = BTreeSet::new();
             for job in batch {
                 let one = [(job.account, &job.op)];
-                let answer = match apply_batch(db, &one).await {
+                let answer = match apply_batch(db, &one, clock).await {
                     Ok((mut answers, c)) => {
                         changed.extend(c);
                         answers.pop().unwrap_or(Err(BillingError::WriteFailed))
@@ -799,6 +815,12 @@ pub fn decide(requests: &[(i64, &Op)], loaded: &mut Loaded, now: DateTime<Utc>) 
                                     }
                                 }
                             }
+                        }
+                        Some(orig) if orig.account_id == account => {
+                            Pending::Failed(BillingError::NotRefundable {
+                                id: orig.id,
+                                kind: orig.kind.to_uppercase(),
+                            })
                         }
                         _ => Pending::Failed(BillingError::TransactionNotFound(r.transaction_id)),
                     }
@@ -1258,7 +1280,11 @@ type Answers = Vec<Result<Done, BillingError>>;
 
 /// One transaction for the whole batch. `Err` means it was rolled back and
 /// nothing in it happened.
-async fn apply_batch(db: &Db, requests: &[(i64, &Op)]) -> Result<(Answers, Vec<i64>), sqlx::Error> {
+async fn apply_batch(
+    db: &Db,
+    requests: &[(i64, &Op)],
+    clock: &Clock,
+) -> Result<(Answers, Vec<i64>), sqlx::Error> {
     let backend = db.backend();
     on_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
@@ -1267,7 +1293,10 @@ async fn apply_batch(db: &Db, requests: &[(i64, &Op)]) -> Result<(Answers, Vec<i
         let lock = lock_accounts(backend, requests);
         let locked: Vec<(i64, i64, i64)> =
             bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(lock.text)), lock.args).fetch_all(&mut *tx).await?;
-        let now = Utc::now();
+        // Microseconds: what both backends store, so answers built in memory
+        // equal what a later read returns.
+        let now = clock();
+        let now = DateTime::from_timestamp_micros(micros(now)).unwrap_or(now);
         let r = reads(requests, now);
         let mut loaded = Loaded {
             accounts: locked.iter().map(|&(id, c, h)| (id, (c, h))).collect(),
