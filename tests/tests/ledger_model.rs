@@ -29,12 +29,31 @@ use proptest::{collection::vec, prelude::*};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Deduct { credits: i64, key: u8 },
-    Grant { credits: i64, key: u8 },
-    Reserve { credits: i64, key: u8, ttl: u64 },
-    Capture { hold: usize, amount: Option<i64> },
-    Release { hold: usize },
-    Refund { tx: usize, credits: i64, key: u8 },
+    Deduct {
+        credits: i64,
+        key: u8,
+    },
+    Grant {
+        credits: i64,
+        key: u8,
+    },
+    Reserve {
+        credits: i64,
+        key: u8,
+        ttl: u64,
+    },
+    Capture {
+        hold: usize,
+        amount: Option<i64>,
+    },
+    Release {
+        hold: usize,
+    },
+    Refund {
+        tx: usize,
+        credits: i64,
+        key: u8,
+    },
     /// Repeat the n-th earlier request verbatim.
     Replay(usize),
     /// End the round and move the clock on by this many seconds.
@@ -276,10 +295,8 @@ impl Model {
                 }
                 self.balance += delta;
                 let id = new_id(got);
-                self.keys.insert(
-                    (kind, key.clone()),
-                    (req.hash(), id, self.balance, delta),
-                );
+                self.keys
+                    .insert((kind, key.clone()), (req.hash(), id, self.balance, delta));
                 self.rows.insert(id, (kind == "deduct", -delta, 0));
                 Expect::Row {
                     id: Some(id),
@@ -408,8 +425,10 @@ impl Model {
                 self.rows.get_mut(tx).unwrap().2 += want;
                 let id = new_id(got);
                 self.rows.insert(id, (false, 0, 0));
-                self.keys
-                    .insert(("refund", key.clone()), (req.hash(), id, self.balance, want));
+                self.keys.insert(
+                    ("refund", key.clone()),
+                    (req.hash(), id, self.balance, want),
+                );
                 Expect::Row {
                     id: Some(id),
                     credits: want,
