@@ -66,6 +66,9 @@ pub struct WriterConfig {
 
 /// Default `max_batch`: chosen by measurement (README "Benchmarks").
 pub const DEFAULT_MAX_BATCH: usize = 128;
+/// Largest `max_batch` accepted: keeps every batch statement within
+/// SQLite's expression-depth and bound-parameter limits.
+pub const MAX_BATCH_LIMIT: usize = 512;
 /// Default queue bound per shard.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 /// Default per-account share of a shard's queue.
@@ -106,7 +109,7 @@ impl WriterConfig {
                 },
             }
         };
-        config.max_batch = read("IGNY8_LEDGER_MAX_BATCH", config.max_batch, 1000)?;
+        config.max_batch = read("IGNY8_LEDGER_MAX_BATCH", config.max_batch, MAX_BATCH_LIMIT)?;
         config.shards = read("IGNY8_LEDGER_SHARDS", config.shards, 64)?;
         config.queue_capacity = read("IGNY8_LEDGER_QUEUE", config.queue_capacity, 1_000_000)?;
         config.account_share = read(
