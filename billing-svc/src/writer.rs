@@ -425,7 +425,11 @@ async fn process(db: &Db, batch: Vec<Job>, clock: &Clock, metrics: &WriterMetric
             }
             changed
         }
-        Err(e) if size > 1 => {
+        // The database refused something in the batch: retry one by one so
+        // the offending request cannot fail its neighbours. (When the
+        // database is unreachable, retrying would only make every caller
+        // wait longer: they all get UNAVAILABLE below and retry themselves.)
+        Err(e) if size > 1 && !igny8_db::is_unavailable(&e) => {
             metrics.failures.inc();
             tracing::warn!(error = %e, size, "ledger batch failed; retrying its requests one by one");
             let mut changed = BTreeSet::new();
