@@ -2,20 +2,31 @@
 //! the database.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
 use igny8_db::{BeginWrite, Db, on_pool};
 use moka::future::Cache;
+use service_kit::{Change, ChangeHub};
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::SettingsError;
 
 /// How long a replica may answer from memory. An update made on this replica
 /// is visible at once (the cache is written through); one made on another
-/// replica within this bound.
+/// replica as soon as its change notification arrives (PostgreSQL), and in
+/// any case within this bound — the backstop for a lost notification.
 pub const CACHE_TTL: Duration = Duration::from_millis(500);
+
+/// The PostgreSQL `NOTIFY` channel of settings changes: sent by the updating
+/// transaction, the account id as payload.
+pub const SETTINGS_CHANNEL: &str = "igny8_settings";
+
+/// `pg_notify` from inside the updating transaction: only committed changes
+/// notify.
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 /// One account's switches, in [`crate::modules::FIELDS`] order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,8 +115,13 @@ struct Cached {
 pub struct SettingsStore {
     db: Db,
     cache: Cache<i64, Cached>,
-    /// When this replica last committed an update, per account.
+    /// When this replica last committed an update or heard of one, per
+    /// account.
     writes: Cache<i64, Instant>,
+    /// When notifications may last have been lost: copies read before are
+    /// not served.
+    all_changed: Arc<Mutex<Option<Instant>>>,
+    changes: ChangeHub,
 }
 
 impl std::fmt::Debug for SettingsStore {
@@ -128,7 +144,49 @@ impl SettingsStore {
                 .max_capacity(100_000)
                 .time_to_live(ttl * 2)
                 .build(),
+            all_changed: Arc::default(),
+            changes: ChangeHub::new(),
         }
+    }
+
+    /// Uses `hub` for change notifications: updates notify it (in-process),
+    /// and every notification it carries — from any replica, on PostgreSQL
+    /// — drops the account's cached copy at once. Must be called inside a
+    /// Tokio runtime.
+    pub fn with_changes(mut self, hub: ChangeHub) -> Self {
+        let mut firehose = hub.firehose();
+        let cache = self.cache.clone();
+        let writes = self.writes.clone();
+        let all_changed = self.all_changed.clone();
+        tokio::spawn(async move {
+            loop {
+                let change = match firehose.recv().await {
+                    Ok(change) => change,
+                    Err(RecvError::Lagged(_)) => Change::All,
+                    Err(RecvError::Closed) => return,
+                };
+                let now = Instant::now();
+                match change {
+                    Change::Account(account) => {
+                        // A read that began before this moment may hold the
+                        // old value: `cached` will not serve it.
+                        writes.insert(account, now).await;
+                        cache.invalidate(&account).await;
+                    }
+                    Change::All => {
+                        *all_changed.lock().expect("lock") = Some(now);
+                        cache.invalidate_all();
+                    }
+                }
+            }
+        });
+        self.changes = hub;
+        self
+    }
+
+    /// The change notifications of this store's accounts.
+    pub fn changes(&self) -> &ChangeHub {
+        &self.changes
     }
 
     async fn read(&self, account: i64) -> Result<Cached, SettingsError> {
@@ -156,7 +214,8 @@ impl SettingsStore {
             .try_get_with(account, self.read(account))
             .await
             .map_err(|e| (*e).clone())?;
-        match self.writes.get(&account).await {
+        let all_changed = *self.all_changed.lock().expect("lock");
+        match self.writes.get(&account).await.max(all_changed) {
             Some(written) if written > entry.read_started => self.get_or_create(account).await,
             _ => Ok(entry.switches),
         }
@@ -177,7 +236,9 @@ impl SettingsStore {
 
     /// Applies `changes` (one `Some` per switch to set) and returns the new
     /// switches; creates the row first when needed. The cache is written
-    /// through, so this replica's next read sees the change.
+    /// through, so this replica's next read sees the change; on PostgreSQL
+    /// the transaction also notifies [`SETTINGS_CHANNEL`] (other replicas),
+    /// and after the commit this process's subscribers are notified.
     #[tracing::instrument(name = "settings.update", skip(self), err(level = "debug"))]
     pub async fn update(
         &self,
@@ -185,6 +246,7 @@ impl SettingsStore {
         changes: [Option<bool>; 8],
     ) -> Result<Arc<Switches>, SettingsError> {
         let now = Utc::now();
+        let notify = self.db.backend() == igny8_db::Backend::Postgres;
         let row: Row = on_pool!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             sqlx::query(CREATE).bind(account).bind(now).execute(&mut *tx).await?;
@@ -193,6 +255,9 @@ impl SettingsStore {
                 query = query.bind(change);
             }
             let row = query.bind(now).bind(account).fetch_one(&mut *tx).await?;
+            if notify {
+                sqlx::query(NOTIFY).bind(SETTINGS_CHANNEL).bind(account.to_string()).execute(&mut *tx).await?;
+            }
             tx.commit().await?;
             row
         });
@@ -208,6 +273,7 @@ impl SettingsStore {
                 },
             )
             .await;
+        self.changes.notify(&[account]);
         Ok(switches)
     }
 }
