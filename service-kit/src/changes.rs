@@ -16,9 +16,13 @@
 //! "changed since you last looked" and re-reads the current state. Memory is
 //! O(watched accounts + subscribers), never O(changes).
 //!
+//! Caches register a hook ([`ChangeHub::on_change`]) that runs synchronously
+//! for every notification, before any subscriber wakes: whoever observes a
+//! change through a stream finds the cache already invalidated.
+//!
 //! When the `LISTEN` connection is lost, notifications sent meanwhile are
 //! gone: after reconnecting, every watched account is treated as changed and
-//! every [`ChangeHub::firehose`] receiver gets [`Change::All`].
+//! every hook gets [`Change::All`].
 
 use std::{
     collections::HashMap,
@@ -27,39 +31,38 @@ use std::{
 };
 
 use igny8_db::Db;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::server::Drain;
-
-/// How many notifications a [`ChangeHub::firehose`] receiver may fall
-/// behind before it is told to treat everything as changed.
-const FIREHOSE_CAPACITY: usize = 1024;
 
 /// Reconnect backoff of the `LISTEN` connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// One notification, as seen by a [`ChangeHub::firehose`] receiver.
+/// One notification, as seen by a [`ChangeHub::on_change`] hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     /// This account changed.
     Account(i64),
-    /// Notifications may have been lost (the `LISTEN` connection dropped or
-    /// the receiver lagged): treat every account as changed.
+    /// Notifications may have been lost (the `LISTEN` connection dropped):
+    /// treat every account as changed.
     All,
 }
+
+/// A synchronous change hook; must be quick (it runs on the notifying path).
+pub type ChangeHook = Arc<dyn Fn(Change) + Send + Sync>;
 
 #[derive(Default)]
 struct Inner {
     /// Watched accounts: a generation counter each.
     watched: Mutex<HashMap<i64, watch::Sender<u64>>>,
+    hooks: Mutex<Vec<ChangeHook>>,
 }
 
 /// Fans change notifications out to subscribers. Cheap to clone.
 #[derive(Clone)]
 pub struct ChangeHub {
     inner: Arc<Inner>,
-    firehose: broadcast::Sender<Change>,
 }
 
 impl std::fmt::Debug for ChangeHub {
@@ -81,7 +84,6 @@ impl ChangeHub {
     pub fn new() -> Self {
         Self {
             inner: Arc::default(),
-            firehose: broadcast::channel(FIREHOSE_CAPACITY).0,
         }
     }
 
@@ -101,7 +103,7 @@ impl ChangeHub {
     /// Records that these accounts changed (after their commit).
     pub fn notify(&self, accounts: &[i64]) {
         for &account in accounts {
-            let _ = self.firehose.send(Change::Account(account));
+            self.run_hooks(Change::Account(account));
         }
         let watched = self.inner.watched.lock().expect("hub lock");
         for account in accounts {
@@ -113,18 +115,24 @@ impl ChangeHub {
 
     /// Treats every account as changed (notifications may have been lost).
     pub fn notify_all(&self) {
-        let _ = self.firehose.send(Change::All);
+        self.run_hooks(Change::All);
         let watched = self.inner.watched.lock().expect("hub lock");
         for tx in watched.values() {
             tx.send_modify(|g| *g = g.wrapping_add(1));
         }
     }
 
-    /// Every notification, for caches that must drop entries of any account.
-    /// A receiver that lags gets `RecvError::Lagged`: treat it as
-    /// [`Change::All`].
-    pub fn firehose(&self) -> broadcast::Receiver<Change> {
-        self.firehose.subscribe()
+    /// Runs `hook` for every notification of any account, before
+    /// subscribers wake (for caches).
+    pub fn on_change(&self, hook: ChangeHook) {
+        self.inner.hooks.lock().expect("hub lock").push(hook);
+    }
+
+    fn run_hooks(&self, change: Change) {
+        let hooks = self.inner.hooks.lock().expect("hub lock").clone();
+        for hook in hooks {
+            hook(change);
+        }
     }
 
     /// Watches one account. Subscribe *before* reading the state you will

@@ -2,6 +2,7 @@
 //! the database.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -10,7 +11,6 @@ use chrono::{DateTime, Utc};
 use igny8_db::{BeginWrite, Db, on_pool};
 use moka::future::Cache;
 use service_kit::{Change, ChangeHub};
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::SettingsError;
 
@@ -115,13 +115,27 @@ struct Cached {
 pub struct SettingsStore {
     db: Db,
     cache: Cache<i64, Cached>,
-    /// When this replica last committed an update or heard of one, per
-    /// account.
+    /// When this replica last committed an update, per account.
     writes: Cache<i64, Instant>,
-    /// When notifications may last have been lost: copies read before are
-    /// not served.
-    all_changed: Arc<Mutex<Option<Instant>>>,
+    /// Change notifications heard (any replica), per account: copies read
+    /// before are not served. Kept only while a copy could outlive them.
+    heard: Arc<Mutex<Heard>>,
     changes: ChangeHub,
+    ttl: Duration,
+}
+
+/// Notifications heard, for the cache.
+#[derive(Default)]
+struct Heard {
+    accounts: HashMap<i64, Instant>,
+    /// When notifications may last have been lost.
+    all: Option<Instant>,
+}
+
+impl Heard {
+    fn latest(&self, account: i64) -> Option<Instant> {
+        self.accounts.get(&account).copied().max(self.all)
+    }
 }
 
 impl std::fmt::Debug for SettingsStore {
@@ -144,42 +158,36 @@ impl SettingsStore {
                 .max_capacity(100_000)
                 .time_to_live(ttl * 2)
                 .build(),
-            all_changed: Arc::default(),
+            heard: Arc::default(),
             changes: ChangeHub::new(),
+            ttl,
         }
     }
 
     /// Uses `hub` for change notifications: updates notify it (in-process),
     /// and every notification it carries — from any replica, on PostgreSQL
-    /// — drops the account's cached copy at once. Must be called inside a
-    /// Tokio runtime.
+    /// — makes the account's cached copy unservable at once (before any
+    /// stream subscriber hears of the change).
     pub fn with_changes(mut self, hub: ChangeHub) -> Self {
-        let mut firehose = hub.firehose();
-        let cache = self.cache.clone();
-        let writes = self.writes.clone();
-        let all_changed = self.all_changed.clone();
-        tokio::spawn(async move {
-            loop {
-                let change = match firehose.recv().await {
-                    Ok(change) => change,
-                    Err(RecvError::Lagged(_)) => Change::All,
-                    Err(RecvError::Closed) => return,
-                };
-                let now = Instant::now();
-                match change {
-                    Change::Account(account) => {
-                        // A read that began before this moment may hold the
-                        // old value: `cached` will not serve it.
-                        writes.insert(account, now).await;
-                        cache.invalidate(&account).await;
-                    }
-                    Change::All => {
-                        *all_changed.lock().expect("lock") = Some(now);
-                        cache.invalidate_all();
+        let heard = self.heard.clone();
+        // A copy lives at most `ttl` after its read ends; like `writes`, a
+        // notification is kept for twice that (a read may be slow).
+        let keep = self.ttl * 2;
+        hub.on_change(Arc::new(move |change| {
+            let now = Instant::now();
+            let mut heard = heard.lock().expect("lock");
+            match change {
+                Change::Account(account) => {
+                    heard.accounts.insert(account, now);
+                    if heard.accounts.len() > 4096 {
+                        heard
+                            .accounts
+                            .retain(|_, at| now.duration_since(*at) <= keep);
                     }
                 }
+                Change::All => heard.all = Some(now),
             }
-        });
+        }));
         self.changes = hub;
         self
     }
@@ -214,8 +222,8 @@ impl SettingsStore {
             .try_get_with(account, self.read(account))
             .await
             .map_err(|e| (*e).clone())?;
-        let all_changed = *self.all_changed.lock().expect("lock");
-        match self.writes.get(&account).await.max(all_changed) {
+        let heard = self.heard.lock().expect("lock").latest(account);
+        match self.writes.get(&account).await.max(heard) {
             Some(written) if written > entry.read_started => self.get_or_create(account).await,
             _ => Ok(entry.switches),
         }
