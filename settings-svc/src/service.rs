@@ -61,7 +61,7 @@ impl Watched for WatchedSettings {
                 wake_at: None,
             });
         }
-        self.last = Some(settings.clone());
+        self.last = Some(settings);
         Ok(Read {
             message: Some(pb::WatchModuleSettingsResponse {
                 settings: Some(settings),
