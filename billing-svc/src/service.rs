@@ -182,6 +182,15 @@ impl Billing {
         self
     }
 
+    /// The ledger this service writes through.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    fn now_us(&self) -> i64 {
+        micros(self.ledger.now())
+    }
+
     fn price(&self, cost: Option<CostSpec>, prefix: &str) -> Result<Priced, BillingError> {
         match cost {
             None => Err(BillingError::field(
@@ -374,10 +383,6 @@ pub fn hold(row: HoldRow, now_us: i64) -> pb::Hold {
         expire_time: Some(timestamp_us(row.expires_at_us)),
         transaction_id: row.transaction_id.unwrap_or_default(),
     }
-}
-
-fn now_us() -> i64 {
-    micros(chrono::Utc::now())
 }
 
 /// The writer answered a request with the wrong kind of result: a bug.
@@ -656,7 +661,7 @@ impl BillingService for Billing {
             } => {
                 tracing::debug!(account, replayed, "reserved");
                 Ok(Response::new(pb::ReserveResponse {
-                    hold: Some(hold(row, now_us())),
+                    hold: Some(hold(row, self.now_us())),
                     available,
                     replayed,
                 }))
@@ -697,7 +702,7 @@ impl BillingService for Billing {
             } => {
                 tracing::debug!(account, replayed, "captured");
                 Ok(Response::new(pb::CaptureHoldResponse {
-                    hold: Some(hold(h, now_us())),
+                    hold: Some(hold(h, self.now_us())),
                     balance: row.balance_after,
                     transaction: Some(transaction(row)),
                     replayed,
@@ -717,7 +722,7 @@ impl BillingService for Billing {
         let op = Op::Release { hold_id: r.hold_id };
         match self.ledger.writer().submit(account, op).await? {
             Done::Released { hold: h, replayed } => Ok(Response::new(pb::ReleaseHoldResponse {
-                hold: Some(hold(h, now_us())),
+                hold: Some(hold(h, self.now_us())),
                 replayed,
             })),
             other => Err(unexpected(&other)),
@@ -733,7 +738,7 @@ impl BillingService for Billing {
         check_hold_id(&r.hold_id)?;
         let row = self.ledger.hold(account, &r.hold_id).await?;
         Ok(Response::new(pb::GetHoldResponse {
-            hold: Some(hold(row, now_us())),
+            hold: Some(hold(row, self.now_us())),
         }))
     }
 
@@ -806,7 +811,7 @@ impl BillingService for Billing {
         let threshold = watch::threshold(request.get_ref())?;
         // Subscribe before the first read: no change can fall in between.
         let subscription = self.changes.subscribe(account);
-        let watched = WatchedBalance::new(self.ledger.db().clone(), account, threshold);
+        let watched = WatchedBalance::new(self.ledger.clone(), account, threshold);
         Ok(Response::new(streams::watch(
             self.streams.clone(),
             subscription,

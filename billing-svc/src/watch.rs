@@ -10,8 +10,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
-use igny8_db::{Db, on_pool};
+use igny8_db::on_pool;
 use igny8_proto::billing::v1 as pb;
 use service_kit::{
     ChangeHub,
@@ -20,7 +19,10 @@ use service_kit::{
 use tokio::time::Instant;
 use tonic::Status;
 
-use crate::{error::BillingError, ledger::micros};
+use crate::{
+    error::BillingError,
+    ledger::{Ledger, micros},
+};
 
 /// Balance, credits held by active unexpired holds, and the earliest expiry
 /// among those holds, in one read.
@@ -54,7 +56,7 @@ pub fn threshold(request: &pb::WatchBalanceRequest) -> Result<Option<i64>, Billi
 
 /// One account's balance, as a `WatchBalance` stream sees it.
 pub struct WatchedBalance {
-    db: Db,
+    ledger: Ledger,
     account: i64,
     threshold: Option<i64>,
     /// (balance, held) last sent.
@@ -64,10 +66,11 @@ pub struct WatchedBalance {
 }
 
 impl WatchedBalance {
-    /// A stream's view of `account`, alerting below `threshold`.
-    pub fn new(db: Db, account: i64, threshold: Option<i64>) -> Self {
+    /// A stream's view of `account` in `ledger` (its database and clock),
+    /// alerting below `threshold`.
+    pub fn new(ledger: Ledger, account: i64, threshold: Option<i64>) -> Self {
         Self {
-            db,
+            ledger,
             account,
             threshold,
             last: None,
@@ -80,8 +83,8 @@ impl Watched for WatchedBalance {
     type Message = pb::WatchBalanceResponse;
 
     async fn read(&mut self) -> Result<Read<Self::Message>, Status> {
-        let now_us = micros(Utc::now());
-        let found: Option<(i64, i64, Option<i64>)> = on_pool!(&self.db, pool => {
+        let now_us = micros(self.ledger.now());
+        let found: Option<(i64, i64, Option<i64>)> = on_pool!(self.ledger.db(), pool => {
             sqlx::query_as(STATE).bind(self.account).bind(now_us).fetch_optional(pool).await
         })
         .map_err(BillingError::from)?;
