@@ -282,6 +282,41 @@ mod tests {
                 &[Admin, Owner, Developer, Service],
                 &[Viewer, Editor],
             ),
+            (
+                "Reserve",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "CaptureHold",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "ReleaseHold",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "GetHold",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
+            (
+                "WatchBalance",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
+            (
+                "Refund",
+                &[Developer, Service],
+                &[Viewer, Editor, Admin, Owner],
+            ),
+            (
+                "WatchModuleSettings",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
         ];
         assert_eq!(table.len(), RULES.len());
         for (method, allowed, denied) in table {
