@@ -629,27 +629,26 @@ async fn listener_reconnects_after_its_connection_dies() {
     .await;
 }
 
-/// grpcurl prints stream messages as they arrive: the first, then one
-/// after a change made while it runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpcurl_prints_watch_balance_as_it_arrives() {
-    let db = seed(Backend::Sqlite, 100).await;
-    let billing = Process::start(
-        "billing-svc",
-        igny8_proto::BILLING_SERVICE_NAME,
-        &db.url,
-        &[],
-    )
-    .await;
+/// `grpcurl -plaintext -H <token> -d <data> <addr> <method>` running in the
+/// background, and each JSON message it prints, as it prints it.
+fn grpcurl_stream(
+    addr: std::net::SocketAddr,
+    token: &str,
+    data: &str,
+    method: &str,
+) -> (
+    std::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     let mut child = std::process::Command::new(grpcurl())
         .args([
             "-plaintext",
             "-H",
-            &format!("authorization: Bearer {}", access_token(EDITOR, None)),
+            &format!("authorization: Bearer {token}"),
             "-d",
-            r#"{"low_balance_threshold": 95}"#,
-            &billing.addr.to_string(),
-            "igny8.billing.v1.BillingService/WatchBalance",
+            data,
+            &addr.to_string(),
+            method,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -658,7 +657,7 @@ async fn grpcurl_prints_watch_balance_as_it_arrives() {
     // grpcurl prints each message as an indented JSON object ending in a
     // line holding only `}`.
     let stdout = child.stdout.take().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
         let mut object = String::new();
         for line in BufReader::new(stdout).lines() {
@@ -670,23 +669,75 @@ async fn grpcurl_prints_watch_balance_as_it_arrives() {
             }
         }
     });
-    let mut message = async || -> serde_json::Value {
-        let text = tokio::time::timeout(ARRIVAL, rx.recv())
-            .await
-            .expect("grpcurl printed a message in time")
-            .expect("grpcurl still running");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-    };
-    let first = message().await;
+    (child, rx)
+}
+
+async fn printed(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> serde_json::Value {
+    let text = tokio::time::timeout(ARRIVAL, rx.recv())
+        .await
+        .expect("grpcurl printed a message in time")
+        .expect("grpcurl still running");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// grpcurl prints stream messages as they arrive: the first, then one
+/// after a change made while it runs — for both streams, against the real
+/// binaries, through reflection only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_prints_stream_messages_as_they_arrive() {
+    let db = seed(Backend::Sqlite, 100).await;
+    let billing = Process::start(
+        "billing-svc",
+        igny8_proto::BILLING_SERVICE_NAME,
+        &db.url,
+        &[],
+    )
+    .await;
+    let settings = Process::start(
+        "settings-svc",
+        igny8_proto::SETTINGS_SERVICE_NAME,
+        &db.url,
+        &[],
+    )
+    .await;
+
+    let (mut child, mut rx) = grpcurl_stream(
+        billing.addr,
+        &access_token(EDITOR, None),
+        r#"{"low_balance_threshold": 95}"#,
+        "igny8.billing.v1.BillingService/WatchBalance",
+    );
+    let first = printed(&mut rx).await;
     assert_eq!(first["balance"], "100");
     assert_eq!(first["available"], "100");
     let mut c = Running::at(billing.addr)
         .billing(&access_token(EDITOR, None), None)
         .await;
     c.deduct(deduct_credits(10, "via-grpcurl")).await.unwrap();
-    let second = message().await;
+    let second = printed(&mut rx).await;
     assert_eq!(second["balance"], "90");
     assert_eq!(second["low_balance"], true);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (mut child, mut rx) = grpcurl_stream(
+        settings.addr,
+        &access_token(VIEWER, None),
+        "{}",
+        "igny8.settings.v1.SettingsService/WatchModuleSettings",
+    );
+    let first = printed(&mut rx).await;
+    assert_eq!(first["settings"]["writer_enabled"], true);
+    Running::at(settings.addr)
+        .settings(&access_token(ADMIN, None), None)
+        .await
+        .update_module_settings(switch("writer_enabled", false))
+        .await
+        .unwrap();
+    let second = printed(&mut rx).await;
+    // grpcurl leaves false booleans out of its JSON.
+    assert_ne!(second["settings"]["writer_enabled"], true, "{second}");
+    assert_eq!(second["settings"]["planner_enabled"], true, "{second}");
     child.kill().unwrap();
     child.wait().unwrap();
 }
