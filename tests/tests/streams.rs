@@ -271,6 +271,7 @@ async fn streams_recheck_access(b: Backend) {
     let db = seed(b, 100).await;
     db.user(20).account(A1).role("viewer").create().await;
     db.user(21).account(A1).role("editor").create().await;
+    db.user(22).account(A1).role("admin").create().await;
     let mut config = test_config(&db.url);
     config.stream_recheck = Duration::from_secs(1);
     let billing = spawn_billing_with(config.clone()).await;
@@ -304,15 +305,25 @@ async fn streams_recheck_access(b: Backend) {
         .await
         .unwrap()
         .into_inner();
+    let mut demoted = settings
+        .settings(&access_token(22, None), None)
+        .await
+        .watch_module_settings(WatchModuleSettingsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     for s in [&mut removed, &mut deactivated, &mut stays] {
         next(s).await;
     }
     next(&mut moved).await;
+    next(&mut demoted).await;
 
     let started = Instant::now();
     db.move_user(VIEWER, None).await;
     db.move_user(20, Some(A2)).await;
     db.set_user_active(21, false).await;
+    // Every directory role may watch; a role this service does not know may not.
+    db.set_user_role(22, "guest").await;
 
     // Recheck every 1 s + directory cache 500 ms: well inside 10 s.
     let within = Duration::from_secs(10);
@@ -325,8 +336,11 @@ async fn streams_recheck_access(b: Backend) {
     let status = ends_with(&mut deactivated, within).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert_eq!(reason(&status), "USER_INACTIVE");
+    let status = ends_with(&mut demoted, within).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "UNKNOWN_ROLE");
     println!(
-        "streams of removed/moved/deactivated users ended after {:?} (recheck every 1 s)",
+        "streams of removed/moved/deactivated/demoted users ended after {:?} (recheck every 1 s)",
         started.elapsed()
     );
 
