@@ -176,16 +176,20 @@ fn the_readme_walks_from_a_fresh_launcher() {
         r#""enabled": false"#,
         "granted 500 credits to account 1",
         r#""actor": "service:support-tool""#,
+        r#""state": "HOLD_STATE_CAPTURED""#,
+        r#""captured_credits": "25""#,
+        r#""held": "0""#,
     ] {
         assert!(
             stdout.contains(needle),
             "{needle} in the walk's output:\n{stdout}"
         );
     }
-    // 1000 − 10 (clustering) + 500 (operator) + 100 (service).
+    // 1000 − 10 (clustering deduct) + 500 (operator) + 100 (service)
+    // − 25 (the captured part of the 40-credit hold).
     let balance = run(common::igny8ctl(dir.path()).args(["balance", "--account", "1"]));
     assert!(
-        balance.ok().contains("1590 credits"),
+        balance.ok().contains("1565 credits"),
         "{balance:#?}\nwalk output:\n{stdout}"
     );
 
@@ -194,7 +198,7 @@ fn the_readme_walks_from_a_fresh_launcher() {
     assert_eq!(again.code, Some(0), "second walk: {again:#?}");
     assert!(again.stdout.contains(r#""replayed": true"#), "{again:#?}");
     let balance = run(common::igny8ctl(dir.path()).args(["balance", "--account", "1"]));
-    assert!(balance.ok().contains("1590 credits"), "{balance:#?}");
+    assert!(balance.ok().contains("1565 credits"), "{balance:#?}");
 
     let (status, stderr) = launcher.stop("TERM");
     assert!(status.success(), "{status}\n{stderr}");
