@@ -268,6 +268,36 @@ mod tests {
                 &[Viewer, Editor, Admin, Owner],
             ),
             (
+                "Reserve",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "CaptureHold",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "ReleaseHold",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "GetHold",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
+            (
+                "Refund",
+                &[Developer, Service],
+                &[Viewer, Editor, Admin, Owner],
+            ),
+            (
+                "WatchBalance",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
+            (
                 "GetModuleSettings",
                 &[Viewer, Editor, Admin, Owner, Developer, Service],
                 &[],
@@ -281,6 +311,11 @@ mod tests {
                 "UpdateModuleSettings",
                 &[Admin, Owner, Developer, Service],
                 &[Viewer, Editor],
+            ),
+            (
+                "WatchModuleSettings",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
             ),
         ];
         assert_eq!(table.len(), RULES.len());
