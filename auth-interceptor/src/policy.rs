@@ -268,6 +268,21 @@ mod tests {
                 &[Viewer, Editor, Admin, Owner],
             ),
             (
+                "GetModuleSettings",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
+            (
+                "CheckModule",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
+            (
+                "UpdateModuleSettings",
+                &[Admin, Owner, Developer, Service],
+                &[Viewer, Editor],
+            ),
+            (
                 "Reserve",
                 &[Editor, Admin, Owner, Developer, Service],
                 &[Viewer],
@@ -288,29 +303,14 @@ mod tests {
                 &[],
             ),
             (
-                "Refund",
-                &[Developer, Service],
-                &[Viewer, Editor, Admin, Owner],
-            ),
-            (
                 "WatchBalance",
                 &[Viewer, Editor, Admin, Owner, Developer, Service],
                 &[],
             ),
             (
-                "GetModuleSettings",
-                &[Viewer, Editor, Admin, Owner, Developer, Service],
-                &[],
-            ),
-            (
-                "CheckModule",
-                &[Viewer, Editor, Admin, Owner, Developer, Service],
-                &[],
-            ),
-            (
-                "UpdateModuleSettings",
-                &[Admin, Owner, Developer, Service],
-                &[Viewer, Editor],
+                "Refund",
+                &[Developer, Service],
+                &[Viewer, Editor, Admin, Owner],
             ),
             (
                 "WatchModuleSettings",

@@ -483,3 +483,54 @@ async fn a_refused_request_does_not_fail_its_batch() {
     // with "b" failed.
     assert_eq!(ledger.writer().metrics().totals(), (3, 3));
 }
+
+/// Each committed batch notifies `igny8_balance` once per changed account,
+/// from inside its transaction; refused requests notify nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_batches_notify_once_per_account() {
+    use billing_svc::{
+        ledger::{Entry, Kind, Ledger},
+        writer::Op,
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let igny8_db::Db::Postgres(pg) = &db.db else {
+        unreachable!()
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(pg).await.unwrap();
+    listener.listen(billing_svc::BALANCE_CHANNEL).await.unwrap();
+    let ledger = Ledger::new(db.db.clone());
+    let deduct = |key: &str, credits: i64| {
+        Op::Change(Entry {
+            kind: Kind::Deduct,
+            credits: -credits,
+            operation: String::new(),
+            quantity: 0,
+            description: String::new(),
+            metadata: Default::default(),
+            idempotency_key: key.into(),
+            request_hash: key.into(),
+            actor: "test".into(),
+        })
+    };
+    // Refused: nothing changes, nothing is sent.
+    assert!(
+        ledger
+            .writer()
+            .submit(3, deduct("x", START + 1))
+            .await
+            .is_err()
+    );
+    ledger.writer().submit(3, deduct("a", 1)).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a notification")
+        .unwrap();
+    assert_eq!(n.payload(), "3");
+    // Nothing else is pending.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.recv())
+            .await
+            .is_err()
+    );
+}
