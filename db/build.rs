@@ -1,7 +1,6 @@
-//! `sqlx::migrate!` embeds the migration files at compile time but cannot
-//! tell cargo about files added later: without this, a build after a new
-//! migration lands keeps embedding the old set (and readiness would wait for
-//! a schema the binary does not know about).
+//! `sqlx::migrate!` embeds the migration files at compile time, but cargo
+//! does not know they are inputs: without this, an incremental build after
+//! a new migration file keeps serving the old set ("no such column").
 
 fn main() {
     println!("cargo:rerun-if-changed=migrations");

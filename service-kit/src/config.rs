@@ -1,4 +1,4 @@
-//! Configuration from the environment (SPEC §5). Every variable has a
+//! Configuration from the environment (docs/api.md, "Configuration"). Every variable has a
 //! default except the JWT key; anything malformed stops start-up with a
 //! message naming the variable.
 
@@ -8,6 +8,8 @@ use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, Secret, VerifierConfig};
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
 
 use crate::tls::TlsFiles;
+/// How often an open stream re-checks the caller's access by default.
+pub const DEFAULT_STREAM_RECHECK: Duration = Duration::from_secs(30);
 
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,9 @@ pub struct ServiceConfig {
     /// kubelet's gRPC probe); `None` (unset or `off`): health is served on
     /// the gRPC port only.
     pub health_addr: Option<SocketAddr>,
+    /// `IGNY8_STREAM_RECHECK_SECS` (default 30, at most 60): how often an open
+    /// stream re-checks the caller's access.
+    pub stream_recheck: Duration,
 }
 
 impl ServiceConfig {
@@ -186,6 +191,12 @@ impl ServiceConfig {
                 None | Some("off") => None,
                 Some(value) => Some(parse_addr("IGNY8_HEALTH_ADDR", Some(value.to_owned()), "")?),
             },
+            stream_recheck: Duration::from_secs(parse_num(
+                "IGNY8_STREAM_RECHECK_SECS",
+                get("IGNY8_STREAM_RECHECK_SECS"),
+                DEFAULT_STREAM_RECHECK.as_secs(),
+                1..=60,
+            )?),
         })
     }
 }
@@ -295,6 +306,7 @@ mod tests {
         assert!(c.run_migrations);
         assert_eq!(c.metrics_addr.unwrap().to_string(), "0.0.0.0:9101");
         assert_eq!(c.otlp_endpoint, None);
+        assert_eq!(c.stream_recheck, DEFAULT_STREAM_RECHECK);
     }
 
     #[test]
@@ -354,6 +366,13 @@ mod tests {
             (
                 vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_JWT_LEEWAY_SECS", "-1")],
                 "IGNY8_JWT_LEEWAY_SECS",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("IGNY8_STREAM_RECHECK_SECS", "61"),
+                ],
+                "IGNY8_STREAM_RECHECK_SECS",
             ),
             (
                 vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_RUN_MIGRATIONS", "maybe")],

@@ -25,6 +25,7 @@ Configuration (environment):
   IGNY8_DB_MAX_CONNECTIONS      pool size (default 16)
   IGNY8_DB_ACQUIRE_TIMEOUT_SECS wait for a pooled connection (default 5)
   IGNY8_DIRECTORY_CACHE_MS      directory cache staleness bound, ≤ 1000 (default 500)
+  IGNY8_STREAM_RECHECK_SECS     Watch streams re-check access this often, 1–60 (default 30)
   IGNY8_LOG_FORMAT              text or json (default text)
   IGNY8_TLS_CERT_FILE           serve gRPC over TLS: certificate chain (PEM), re-read on change
   IGNY8_TLS_KEY_FILE            its private key (PEM); set both or neither (default plaintext)

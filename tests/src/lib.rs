@@ -419,6 +419,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
         otlp_endpoint: None,
         tls: None,
         health_addr: None,
+        stream_recheck: service_kit::config::DEFAULT_STREAM_RECHECK,
     }
 }
 

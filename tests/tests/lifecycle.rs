@@ -387,7 +387,10 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(calls.iter().all(|c| !c.is_finished()), "a call finished past the lock");
+    assert!(
+        calls.iter().all(|c| !c.is_finished()),
+        "a call finished past the lock"
+    );
 
     binary.sigterm();
 
