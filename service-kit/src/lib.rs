@@ -6,6 +6,8 @@
 //!   endpoint, and SIGTERM drain;
 //! - [`telemetry`]: logs (text or JSON) and OpenTelemetry trace export with
 //!   W3C trace-context propagation;
+//! - [`limits`]: transport limits and fair sharing (connection and stream
+//!   bounds, time-outs, in-flight caps per server and per principal);
 //! - [`main_helper`]: the `main` both binaries share.
 //!
 //! A service supplies its tonic service and its name; [`server::Server`]
@@ -15,6 +17,7 @@
 
 pub mod app;
 pub mod config;
+pub mod limits;
 pub mod main_helper;
 mod metrics;
 mod rpc;

@@ -11,7 +11,6 @@ use http::{Request, Response};
 use igny8_db::Db;
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, server::NamedService};
 use tonic_health::{
     ServingStatus,
@@ -22,6 +21,7 @@ use tower::Service;
 
 use crate::{
     config::ServiceConfig,
+    limits::{self, ConnLayer, FairLayer},
     metrics::{Metrics, serve_metrics},
     rpc::{KnownMethods, RpcLayer},
 };
@@ -98,6 +98,9 @@ pub struct Server {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     db: Db,
+    /// The small pool for directory lookups and readiness: they never queue
+    /// behind the service's writes.
+    aux_db: Db,
     authenticator: Arc<Authenticator>,
     auth_metrics: AuthMetrics,
     metrics: Metrics,
@@ -123,6 +126,11 @@ impl Server {
         let verifier = TokenVerifier::new(&config.jwt).map_err(StartError::Config)?;
         let db = Db::connect_lazy(&config.database_url, &config.pool)
             .map_err(|e| StartError::Config(e.to_string()))?;
+        let aux_db = Db::connect_lazy(
+            &config.database_url,
+            &config.pool.sized(config.limits.aux_pool_size),
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?;
         // Apply migrations before the port opens when the database is already
         // up, so a client that can connect also finds the schema. A database
         // that is not there yet does not stop start-up: the server comes up
@@ -152,8 +160,10 @@ impl Server {
         };
         let auth_metrics = AuthMetrics::default();
         let metrics = Metrics::new(&auth_metrics, config.pool.max_connections);
-        let directory =
-            CachedDirectory::new(SqlDirectory::new(db.clone()), config.directory_cache_ttl);
+        let directory = CachedDirectory::new(
+            SqlDirectory::new(aux_db.clone()),
+            config.directory_cache_ttl,
+        );
         let authenticator = Arc::new(Authenticator::new(
             verifier,
             Arc::new(directory),
@@ -172,6 +182,7 @@ impl Server {
             listener,
             metrics_listener,
             db,
+            aux_db,
             authenticator,
             auth_metrics,
             metrics,
@@ -225,6 +236,7 @@ impl Server {
             listener,
             metrics_listener,
             db,
+            aux_db,
             authenticator,
             metrics,
             health,
@@ -258,7 +270,7 @@ impl Server {
         };
         let (draining_tx, draining) = watch::channel(false);
         let readiness = tokio::spawn(readiness(
-            db.clone(),
+            aux_db.clone(),
             health.clone(),
             service_name,
             migrations_pending,
@@ -277,19 +289,38 @@ impl Server {
             }
         };
         let addr = listener.local_addr().ok();
-        tracing::info!(service = service_name, ?addr, "serving gRPC");
+        let limits = &config.limits;
+        let max_connections = limits
+            .effective_max_connections(limits::soft_nofile_limit(), config.pool.max_connections);
+        tracing::info!(
+            service = service_name,
+            ?addr,
+            max_connections,
+            "serving gRPC"
+        );
         // Outermost first: every call gets its span and metrics, auth
-        // failures included, and auth runs inside the span.
+        // failures included, and auth runs inside the span; the transport
+        // bounds cover every call, the in-flight caps authenticated ones.
         let serve = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .initial_stream_window_size(limits::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(limits::CONNECTION_WINDOW_BYTES)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .layer(rpc_layer)
+            .layer(ConnLayer::new(limits))
             .layer(AuthLayer::new(authenticator))
+            .layer(FairLayer::new(limits, config.pool.max_connections))
             .add_service(HealthServer::new(HealthService::from_health_reporter(
                 health.reporter.clone(),
             )))
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            .serve_with_incoming_shutdown(
+                limits::incoming(listener, limits, max_connections, draining.clone()),
+                signal,
+            );
         tokio::pin!(serve);
 
         let drain_deadline = {
@@ -310,9 +341,11 @@ impl Server {
         readiness.abort();
         // After a timed-out drain, calls still running hold connections that
         // close() would wait for forever; exiting closes them anyway.
-        if tokio::time::timeout(POOL_CLOSE_BOUND, db.close())
-            .await
-            .is_err()
+        if tokio::time::timeout(POOL_CLOSE_BOUND, async {
+            tokio::join!(db.close(), aux_db.close());
+        })
+        .await
+        .is_err()
         {
             tracing::warn!("database pool did not close in time; leaving it to process exit");
         }

@@ -415,6 +415,13 @@ pub fn test_config(url: &str) -> ServiceConfig {
         directory_cache_ttl: auth_interceptor::DEFAULT_CACHE_TTL,
         log_format: LogFormat::Text,
         otlp_endpoint: None,
+        // Default transport limits, but no per-principal cap: the ledger
+        // tests fire hundreds of concurrent calls at one account on purpose.
+        // tests/tests/limits.rs turns fairness on.
+        limits: service_kit::limits::Limits {
+            principal_share_percent: None,
+            ..Default::default()
+        },
     }
 }
 
