@@ -397,13 +397,19 @@ async fn a_hundred_thousand_bodyless_streams_without_a_token() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     served(server.addr, "during-raw").await;
     let raw = attack.await.expect("attack");
-    println!("100k raw body-less streams: {raw:?} in {:?}", started.elapsed());
+    println!(
+        "100k raw body-less streams: {raw:?} in {:?}",
+        started.elapsed()
+    );
     assert_eq!(raw.streams_sent, 100_000, "{raw:?}");
     assert_eq!(
         raw.reset, raw.streams_sent,
         "the server ended every stream: {raw:?}"
     );
-    assert!(raw.answered > 0, "streams within the cap were answered: {raw:?}");
+    assert!(
+        raw.answered > 0,
+        "streams within the cap were answered: {raw:?}"
+    );
 
     // A client that respects the cap: every stream is answered at once.
     let started = Instant::now();
@@ -413,7 +419,10 @@ async fn a_hundred_thousand_bodyless_streams_without_a_token() {
         served(server.addr, &format!("during-{i}")).await;
     }
     let tally = attack.await.expect("attack");
-    println!("10k body-less streams within the cap: {tally:?} in {:?}", started.elapsed());
+    println!(
+        "10k body-less streams within the cap: {tally:?} in {:?}",
+        started.elapsed()
+    );
     assert_eq!(
         tally.get("grpc-status:16"),
         Some(&10_000),
@@ -542,6 +551,10 @@ async fn one_tenant_flood(backend: Backend) {
             Err(s) => panic!("A's flood: unexpected {s:?}"),
         }
     }
+    println!(
+        "{backend:?}: B's first calls during A's flood: {:?}",
+        &during[..5]
+    );
     println!(
         "{backend:?}: B deduct latency before: {}",
         summary(baseline)
