@@ -496,50 +496,80 @@ async fn five_hundred_half_sent_large_bodies() {
 
 // --- one tenant's flood ------------------------------------------------------
 
+/// B's probe: `n` deducts then a health check each, timed, on a runtime of
+/// its own (so the attacker's 2,000 client tasks in the test's runtime do
+/// not delay B's client), starting when `go` fires.
+fn probe_b(
+    addr: SocketAddr,
+    n: usize,
+    tag: &'static str,
+) -> std::thread::JoinHandle<(Vec<Duration>, Vec<Duration>)> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let server = Running::at(addr);
+            let mut b = server.billing(&access_token(USER_B, None), None).await;
+            let mut health =
+                tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+            let (mut deducts, mut checks) = (Vec::new(), Vec::new());
+            for i in 0..n {
+                let t = Instant::now();
+                b.deduct(deduct_credits(1, &format!("{tag}-{i}")))
+                    .await
+                    .expect("B's deduct is served");
+                deducts.push(t.elapsed());
+                let t = Instant::now();
+                let status = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: igny8_proto::BILLING_SERVICE_NAME.into(),
+                    })
+                    .await
+                    .expect("health answers")
+                    .into_inner()
+                    .status;
+                assert_eq!(
+                    status,
+                    ServingStatus::Serving as i32,
+                    "health stays SERVING"
+                );
+                checks.push(t.elapsed());
+            }
+            (deducts, checks)
+        })
+    })
+}
+
 async fn one_tenant_flood(backend: Backend) {
     let db = TestDb::new(backend).await;
     seed(&db, 1_000_000).await;
-    let mut config = test_config(&db.url);
-    config.limits.principal_share_percent = Some(25);
-    let server = spawn_billing_with(config).await;
+    // The binary with its default limits (per-principal share on).
+    let server = Process::start(
+        "billing-svc",
+        igny8_proto::BILLING_SERVICE_NAME,
+        &db.url,
+        &[],
+    )
+    .await;
+    let addr = server.addr;
 
-    let mut b = server.billing(&access_token(USER_B, None), None).await;
-    let mut baseline = Vec::new();
-    for i in 0..50 {
-        let t = Instant::now();
-        b.deduct(deduct_credits(1, &format!("base-{i}")))
-            .await
-            .expect("baseline deduct");
-        baseline.push(t.elapsed());
-    }
+    let (base_deducts, base_checks) = probe_b(addr, 50, "base").join().expect("probe");
 
     // A: 2,000 concurrent deducts over 16 connections.
     let token_a = access_token(USER_A, None);
     let mut clients = Vec::new();
     for _ in 0..16 {
-        clients.push(server.billing(&token_a, None).await);
+        clients.push(Running::at(addr).billing(&token_a, None).await);
     }
+    let probe = probe_b(addr, 50, "during");
     let flood: Vec<_> = (0..2000)
         .map(|i| {
             let mut c = clients[i % clients.len()].clone();
             tokio::spawn(async move { c.deduct(deduct_credits(1, &format!("flood-{i}"))).await })
         })
         .collect();
-
-    let mut during = Vec::new();
-    for i in 0..50 {
-        let t = Instant::now();
-        b.deduct(deduct_credits(1, &format!("during-{i}")))
-            .await
-            .expect("B is served during A's flood");
-        during.push(t.elapsed());
-        if i % 10 == 0 {
-            assert_eq!(
-                server.health(igny8_proto::BILLING_SERVICE_NAME).await,
-                ServingStatus::Serving
-            );
-        }
-    }
     let (mut ok, mut refused) = (0i64, 0);
     for t in flood {
         match t.await.expect("task") {
@@ -551,18 +581,21 @@ async fn one_tenant_flood(backend: Backend) {
             Err(s) => panic!("A's flood: unexpected {s:?}"),
         }
     }
+    let (deducts, checks) = tokio::task::spawn_blocking(move || probe.join())
+        .await
+        .expect("join")
+        .expect("probe");
     println!(
-        "{backend:?}: B's first calls during A's flood: {:?}",
-        &during[..5]
+        "{backend:?}: B's first deducts during A's flood: {:?}",
+        &deducts[..5]
     );
+    println!("{backend:?}: B deduct before: {}", summary(base_deducts));
     println!(
-        "{backend:?}: B deduct latency before: {}",
-        summary(baseline)
+        "{backend:?}: B deduct during A's flood: {}",
+        summary(deducts)
     );
-    println!(
-        "{backend:?}: B deduct latency during A's flood: {}",
-        summary(during)
-    );
+    println!("{backend:?}: health before: {}", summary(base_checks));
+    println!("{backend:?}: health during A's flood: {}", summary(checks));
     println!("{backend:?}: A's 2000 deducts: {ok} done, {refused} RESOURCE_EXHAUSTED");
     assert!(refused > 0, "the flood was limited");
     assert!(ok > 0, "A still got its share");
@@ -574,7 +607,7 @@ async fn one_tenant_flood(backend: Backend) {
     assert_eq!(db.balance(B).await, 1_000_000 - 100);
 
     // Recovered by itself: A is served again once its calls are done.
-    let mut a = server.billing(&token_a, None).await;
+    let mut a = Running::at(addr).billing(&token_a, None).await;
     a.deduct(deduct_credits(1, "after"))
         .await
         .expect("A is served after the flood");
@@ -595,7 +628,7 @@ async fn pile_up_on_a_locked_row(
     seed(&db, 1_000).await;
     let mut config = test_config(&db.url);
     config.limits.principal_share_percent = fairness;
-    config.pool.lock_timeout = Duration::from_millis(1500);
+    config.pool.lock_timeout = Duration::from_millis(500);
     let server = spawn_billing_with(config).await;
 
     let mut locker = sqlx::PgConnection::connect(&db.url).await.expect("connect");
@@ -689,10 +722,11 @@ async fn a_locked_row_fails_fast_and_starves_no_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_row_with_fairness_off_still_leaves_auth_and_health() {
-    // Fairness off: every pooled connection waits on the lock, yet
-    // authentication and health use their own pool, and the waits end at
-    // the lock time-out with UNAVAILABLE.
-    let (codes, others) = pile_up_on_a_locked_row(None, 40).await;
+    // Fairness off: every deduct at A waits on the lock (in the ledger
+    // writer's batch for A's shard), yet authentication and health use their
+    // own pool, other shards' accounts are served, and the waits end at the
+    // lock time-out with UNAVAILABLE.
+    let (codes, others) = pile_up_on_a_locked_row(None, 8).await;
     println!("locked row, fairness off: A's outcomes {codes:?}; others took {others:?}");
     assert!(
         codes.keys().all(|c| *c == Code::Unavailable),
