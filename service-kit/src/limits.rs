@@ -65,6 +65,11 @@ pub const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
 /// data one connection can make the server buffer.
 pub const CONNECTION_WINDOW_BYTES: u32 = 256 * 1024;
 
+/// Once the server drains, how long a connection must have had no call in
+/// flight before it is closed: time for the last response to be written and
+/// for the client to act on GOAWAY.
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
+
 /// File descriptors kept free beside connections (pools, listeners, logs).
 const FD_RESERVE: usize = 64;
 
@@ -86,7 +91,7 @@ pub struct Limits {
     /// `IGNY8_BODY_READ_TIMEOUT_SECS`: a call's request body must arrive in
     /// full within this of the call's start (default 10 s).
     pub body_read_timeout: Duration,
-    /// `IGNY8_MAX_REQUEST_BYTES`: the largest request body (default 64 KiB).
+    /// `IGNY8_MAX_REQUEST_BYTES`: the largest request body (default 128 KiB).
     pub max_request_bytes: usize,
     /// `IGNY8_HTTP2_KEEPALIVE_SECS`: HTTP/2 PING interval (default 30 s).
     pub keepalive_interval: Duration,
@@ -113,7 +118,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             body_read_timeout: Duration::from_secs(10),
-            max_request_bytes: 64 * 1024,
+            max_request_bytes: 128 * 1024,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_in_flight: 256,
@@ -323,6 +328,7 @@ pub struct LimitedIo {
     timer: Pin<Box<Sleep>>,
     draining: Pin<Box<dyn Future<Output = ()> + Send>>,
     drained: bool,
+    drain_armed: bool,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -356,6 +362,7 @@ impl LimitedIo {
                 let _ = draining.wait_for(|d| *d).await;
             }),
             drained: false,
+            drain_armed: false,
             _slot: slot,
         }
     }
@@ -367,21 +374,32 @@ impl LimitedIo {
         if !self.drained && self.draining.as_mut().poll(cx).is_ready() {
             self.drained = true;
         }
+        if self.drained && !self.drain_armed {
+            // From now on check every DRAIN_GRACE: the grace lets the last
+            // response reach the socket and a well-behaved client close
+            // after GOAWAY.
+            self.drain_armed = true;
+            self.timer.as_mut().reset(Instant::now());
+        }
         loop {
             let active = state.active.load(Ordering::Acquire);
-            if active == 0 && self.drained {
-                return true;
-            }
             if self.timer.as_mut().poll(cx).is_pending() {
                 return false;
             }
             let now = Instant::now();
             if active > 0 {
-                self.timer.as_mut().reset(now + self.timeouts.idle);
+                let next = if self.drained {
+                    DRAIN_GRACE
+                } else {
+                    self.timeouts.idle
+                };
+                self.timer.as_mut().reset(now + next);
                 continue;
             }
             let since = state.idle_since.lock().map(|s| *s).unwrap_or(now);
-            let limit = if state.served.load(Ordering::Relaxed) {
+            let limit = if self.drained {
+                DRAIN_GRACE
+            } else if state.served.load(Ordering::Relaxed) {
                 self.timeouts.idle
             } else {
                 self.timeouts.header_read
@@ -513,7 +531,19 @@ where
                 });
                 Some(info.state.call_started())
             }
-            None => None,
+            None => {
+                // Connections not accepted by `incoming` (or wrapped so
+                // that the extension type differs, e.g. tonic's
+                // `TlsConnectInfo<ConnInfo>`) are not tracked per call:
+                // their idle time-outs would not see calls in flight.
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "a call arrived without connection info; per-connection call tracking is off for it"
+                    );
+                }
+                None
+            }
         };
         let request = request.map(|body| {
             Body::new(LimitedBody {

@@ -32,7 +32,7 @@ Configuration (environment):
   IGNY8_HEADER_READ_TIMEOUT_SECS a new connection must start a call within (default 10)
   IGNY8_IDLE_TIMEOUT_SECS       close connections with no call for this long (default 120)
   IGNY8_BODY_READ_TIMEOUT_SECS  a request body must arrive within (default 10)
-  IGNY8_MAX_REQUEST_BYTES       largest request body (default 65536)
+  IGNY8_MAX_REQUEST_BYTES       largest request body (default 131072)
   IGNY8_HTTP2_KEEPALIVE_SECS    HTTP/2 PING interval (default 30)
   IGNY8_HTTP2_KEEPALIVE_TIMEOUT_SECS unanswered PING closes the connection (default 10)
   IGNY8_MAX_IN_FLIGHT           calls in flight before RESOURCE_EXHAUSTED (default 256)
