@@ -160,6 +160,11 @@ impl Billing {
         }
     }
 
+    /// The ledger this service writes through.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
     fn now_us(&self) -> i64 {
         micros(self.ledger.now())
     }

@@ -56,7 +56,7 @@ async fn python_grpcio_client_drives_both_binaries() {
     db.account(1).credits(100).create().await;
     // The account a spoofed x-igny8-account-id header points at.
     db.account(2).credits(5000).create().await;
-    // An owner: UpdateModuleSettings needs admin or owner (SPEC §2.3).
+    // An owner: UpdateModuleSettings needs admin or owner (docs/api.md, "Roles and permissions").
     db.user(10).account(1).role("owner").create().await;
 
     let billing = Process::start(
@@ -106,9 +106,10 @@ async fn python_grpcio_client_drives_both_binaries() {
     println!("{stdout}");
 
     // The Python client's writes are visible in the database the Rust side
-    // owns: one deduction of 10 (the replay and the refusal wrote nothing).
+    // owns: one deduction of 10 (the replay and the refusal wrote nothing),
+    // and a capture of 15 refunded in full.
     assert_eq!(db.balance(1).await, 90);
-    assert_eq!(db.ledger_sum(1).await, (-10, 1));
+    assert_eq!(db.ledger_sum(1).await, (-10, 3));
     assert_eq!(
         db.balance(2).await,
         5000,
