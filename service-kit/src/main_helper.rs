@@ -37,6 +37,7 @@ Configuration (environment):
   IGNY8_HTTP2_KEEPALIVE_TIMEOUT_SECS unanswered PING closes the connection (default 10)
   IGNY8_MAX_IN_FLIGHT           calls in flight before RESOURCE_EXHAUSTED (default 256)
   IGNY8_PRINCIPAL_SHARE_PERCENT one account's share of in-flight calls and pool, or off (default 25)
+  IGNY8_STREAM_RECHECK_SECS     Watch streams re-check access this often, 1–60 (default 30)
   IGNY8_LOG_FORMAT              text or json (default text)
   OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC collector, http://host:4317 (unset: no trace export)
   RUST_LOG                      log filter (default info)";

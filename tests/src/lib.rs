@@ -422,6 +422,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
             principal_share_percent: None,
             ..Default::default()
         },
+        stream_recheck: service_kit::config::DEFAULT_STREAM_RECHECK,
     }
 }
 
