@@ -85,16 +85,19 @@ impl Authenticator {
         let rule = self
             .policy
             .rule(path)
-            .ok_or_else(|| AuthError::UnknownMethod(path.to_owned()))?;
+            .ok_or_else(|| AuthError::UnknownMethod(crate::echo(path)))?;
         let act_as = act_as(headers)?;
         self.resolver.resolve(&verified, act_as, rule).await
     }
 }
 
 fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
-    let value = headers
-        .get(http::header::AUTHORIZATION)
-        .ok_or(AuthError::MissingToken)?;
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(AuthError::MissingToken)?;
+    let extra = values.count();
+    if extra > 0 {
+        return Err(AuthError::DuplicateAuthorization(extra + 1));
+    }
     if value.len() > crate::verify::MAX_TOKEN_BYTES + 16 {
         return Err(AuthError::TokenTooLarge(value.len()));
     }
@@ -259,6 +262,13 @@ mod tests {
                 .unwrap()
                 .expose(),
             "a.b.c"
+        );
+        assert_eq!(
+            bearer(&map(&[
+                ("authorization", "Bearer a.b.c"),
+                ("authorization", "Bearer d.e.f")
+            ])),
+            Err(AuthError::DuplicateAuthorization(2))
         );
     }
 
