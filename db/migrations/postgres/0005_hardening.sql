@@ -1,0 +1,6 @@
+-- The ledger is append-only against TRUNCATE too: row triggers (0002) do not
+-- fire for TRUNCATE, which empties a table without deleting rows one by one.
+-- Also blocks `TRUNCATE accounts CASCADE`, which would reach the ledger.
+CREATE TRIGGER credit_ledger_no_truncate
+    BEFORE TRUNCATE ON credit_ledger
+    FOR EACH STATEMENT EXECUTE FUNCTION credit_ledger_append_only();
