@@ -37,6 +37,18 @@ pub enum BillingError {
         /// The balance.
         available: i64,
     },
+    /// A grant would take the balance past the largest storable balance;
+    /// nothing changed.
+    #[error(
+        "granting {credits} credits would take the balance ({balance}) past the largest balance an account can hold ({max}); nothing was granted",
+        max = i64::MAX
+    )]
+    BalanceOverflow {
+        /// The balance.
+        balance: i64,
+        /// Credits the grant asked for.
+        credits: i64,
+    },
     /// The idempotency key was used before for a different request.
     #[error("idempotency key {key:?} was already used for a different request on this account")]
     IdempotencyKeyReused {
@@ -77,7 +89,9 @@ impl BillingError {
     pub fn code(&self) -> Code {
         match self {
             BillingError::InvalidField { .. } | BillingError::Price { .. } => Code::InvalidArgument,
-            BillingError::InsufficientCredits { .. } => Code::FailedPrecondition,
+            BillingError::InsufficientCredits { .. } | BillingError::BalanceOverflow { .. } => {
+                Code::FailedPrecondition
+            }
             BillingError::IdempotencyKeyReused { .. } => Code::AlreadyExists,
             BillingError::AccountNotFound(_) => Code::NotFound,
             BillingError::Unavailable(_) => Code::Unavailable,
@@ -111,6 +125,15 @@ impl From<BillingError> for Status {
                 HashMap::from([
                     ("required".to_owned(), required.to_string()),
                     ("available".to_owned(), available.to_string()),
+                ]),
+            ),
+            BillingError::BalanceOverflow { balance, credits } => ErrorDetails::with_error_info(
+                "BALANCE_OVERFLOW",
+                ERROR_DOMAIN,
+                HashMap::from([
+                    ("balance".to_owned(), balance.to_string()),
+                    ("credits".to_owned(), credits.to_string()),
+                    ("max_balance".to_owned(), i64::MAX.to_string()),
                 ]),
             ),
             BillingError::IdempotencyKeyReused { key } => ErrorDetails::with_error_info(
@@ -177,6 +200,13 @@ mod tests {
                 Code::AlreadyExists,
             ),
             (BillingError::AccountNotFound(1), Code::NotFound),
+            (
+                BillingError::BalanceOverflow {
+                    balance: i64::MAX,
+                    credits: 1,
+                },
+                Code::FailedPrecondition,
+            ),
             (
                 BillingError::from(sqlx::Error::PoolTimedOut),
                 Code::Unavailable,

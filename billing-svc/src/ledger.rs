@@ -106,8 +106,10 @@ macro_rules! columns {
     };
 }
 
+// `credits >= -$1 AND credits <= $4` rather than `credits + $1 >= 0`: the
+// sum is only computed for a row it cannot overflow ($4 = i64::MAX - grant).
 const MOVE_BALANCE: &str = "UPDATE accounts SET credits = credits + $1, updated_at = $2 \
-     WHERE id = $3 AND credits + $1 >= 0 RETURNING credits";
+     WHERE id = $3 AND credits >= -$1 AND credits <= $4 RETURNING credits";
 
 const INSERT_ROW: &str = concat!(
     "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
@@ -177,6 +179,7 @@ impl Ledger {
                 .bind(entry.credits)
                 .bind(now)
                 .bind(account)
+                .bind(i64::MAX - entry.credits.max(0))
                 .fetch_optional(&mut *tx)
                 .await?;
             match moved {
@@ -248,6 +251,13 @@ impl Ledger {
                         key: entry.idempotency_key.clone(),
                     })
                 }
+            }
+            // A grant is only ever refused for the ceiling.
+            Outcome::Refused(Some(balance)) if entry.credits > 0 => {
+                Err(BillingError::BalanceOverflow {
+                    balance,
+                    credits: entry.credits,
+                })
             }
             Outcome::Refused(Some(available)) => Err(BillingError::InsufficientCredits {
                 required: -entry.credits,

@@ -31,14 +31,34 @@ pub const DEFAULTS: Defaults = Defaults {
 };
 
 /// Billing-only configuration, beyond [`ServiceConfig`].
-pub const EXTRA_HELP: &str =
-    "  IGNY8_COST_TABLE_FILE         replace the built-in cost table with a .toml or .json file";
+pub const EXTRA_HELP: &str = "  IGNY8_COST_TABLE_FILE         replace the built-in cost table with a .toml or .json file
+  IGNY8_PAGE_TOKEN_KEY          ListTransactions page-token key, ≥ 32 bytes, the same on every replica
+                                (unset: derived from IGNY8_JWT_SECRET, else random per process)";
 
 /// Reads `IGNY8_COST_TABLE_FILE` (when set) or returns the built-in table.
 pub fn cost_table_from_env() -> Result<CostTable, String> {
     match std::env::var_os("IGNY8_COST_TABLE_FILE").filter(|v| !v.is_empty()) {
         Some(path) => CostTable::from_file(&PathBuf::from(path)),
         None => Ok(CostTable::builtin()),
+    }
+}
+
+/// The page-token MAC key material: `IGNY8_PAGE_TOKEN_KEY`; else the HS256
+/// secret (a secret every replica shares; [`PageTokens`](page_token::PageTokens)
+/// hashes it with its own label, so the MAC key is not the JWT key); else 32
+/// random bytes, with a warning: a public key is no secret, so tokens are
+/// then only good on this process, and a client that gets a token from
+/// another replica or across a restart is told to start again.
+fn page_token_key(config: &ServiceConfig) -> Vec<u8> {
+    match (&config.page_token_key, &config.jwt.keys) {
+        (Some(key), _) => key.expose().clone(),
+        (None, KeyConfig::Hs256Secret(secret)) => secret.expose().clone(),
+        (None, KeyConfig::PublicKeyPem(_) | KeyConfig::Jwks(_)) => {
+            tracing::warn!(
+                "IGNY8_PAGE_TOKEN_KEY is unset and the JWT key is public: ListTransactions page tokens use a random per-process key and are refused by other replicas and after a restart; set IGNY8_PAGE_TOKEN_KEY (≥ 32 bytes, the same on every replica)"
+            );
+            rand::random::<[u8; 32]>().to_vec()
+        }
     }
 }
 
@@ -49,11 +69,7 @@ pub type App = service_kit::App<BillingServiceServer<metrics::Metered<Billing>>>
 /// service with this cost table. Serving starts with
 /// [`service_kit::App::run_until_stopped`].
 pub async fn build(config: ServiceConfig, table: CostTable) -> Result<App, StartError> {
-    let key_material = match &config.jwt.keys {
-        KeyConfig::Hs256Secret(secret) => secret.expose().clone(),
-        KeyConfig::PublicKeyPem(pem) => pem.clone(),
-        KeyConfig::Jwks(doc) => doc.clone().into_bytes(),
-    };
+    let key_material = page_token_key(&config);
     let mut server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
     let billing = Billing::new(
         Arc::new(table),

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, Secret, VerifierConfig};
+use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, MAX_CACHE_TTL, Secret, VerifierConfig};
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
 
 /// A configuration problem, reported before anything starts.
@@ -57,6 +57,10 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
+    /// `IGNY8_PAGE_TOKEN_KEY`: the MAC key of billing's page tokens (at
+    /// least 32 bytes). Unset: derived from `IGNY8_JWT_SECRET` when that is
+    /// the key, else random per process (see `docs/decisions.md`).
+    pub page_token_key: Option<Secret<Vec<u8>>>,
 }
 
 impl ServiceConfig {
@@ -162,12 +166,36 @@ impl ServiceConfig {
             },
             directory_cache_ttl: match get("IGNY8_DIRECTORY_CACHE_MS") {
                 None => DEFAULT_CACHE_TTL,
-                v => Duration::from_millis(parse_num("IGNY8_DIRECTORY_CACHE_MS", v, 0, 0..=1000)?),
+                v => Duration::from_millis(parse_num(
+                    "IGNY8_DIRECTORY_CACHE_MS",
+                    v,
+                    0,
+                    0..=MAX_CACHE_TTL.as_millis() as u64,
+                )?),
             },
             log_format,
             otlp_endpoint: parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT"))?,
+            page_token_key: parse_page_token_key(lookup("IGNY8_PAGE_TOKEN_KEY"))?,
         })
     }
+}
+
+/// Shortest accepted `IGNY8_PAGE_TOKEN_KEY`, in bytes.
+pub const MIN_PAGE_TOKEN_KEY_BYTES: usize = 32;
+
+/// `IGNY8_PAGE_TOKEN_KEY`, taken as given (no trimming: it is key material).
+/// Set but empty or short is refused: a weak key would go unnoticed.
+fn parse_page_token_key(value: Option<String>) -> Result<Option<Secret<Vec<u8>>>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value.len() < MIN_PAGE_TOKEN_KEY_BYTES {
+        return Err(ConfigError(format!(
+            "IGNY8_PAGE_TOKEN_KEY must be at least {MIN_PAGE_TOKEN_KEY_BYTES} bytes (it is {}); generate one with `openssl rand -base64 32`, or unset it",
+            value.len()
+        )));
+    }
+    Ok(Some(Secret::new(value.into_bytes())))
 }
 
 /// The collector address for OTLP over gRPC. Only plaintext `http://` is
@@ -278,6 +306,21 @@ mod tests {
         assert!(c.run_migrations);
         assert_eq!(c.metrics_addr.unwrap().to_string(), "0.0.0.0:9101");
         assert_eq!(c.otlp_endpoint, None);
+        assert!(c.page_token_key.is_none());
+    }
+
+    #[test]
+    fn page_token_key_is_long_enough_or_refused() {
+        let key = "k".repeat(32);
+        let c = load(&[("IGNY8_JWT_SECRET", "s"), ("IGNY8_PAGE_TOKEN_KEY", &key)]).unwrap();
+        assert_eq!(c.page_token_key.unwrap().expose(), key.as_bytes());
+        for short in ["", " ", "short"] {
+            let err = load(&[("IGNY8_JWT_SECRET", "s"), ("IGNY8_PAGE_TOKEN_KEY", short)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("IGNY8_PAGE_TOKEN_KEY"), "{err}");
+            assert!(!err.contains("short"), "the key never appears: {err}");
+        }
     }
 
     #[test]
@@ -337,6 +380,13 @@ mod tests {
             (
                 vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_JWT_LEEWAY_SECS", "-1")],
                 "IGNY8_JWT_LEEWAY_SECS",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("IGNY8_DIRECTORY_CACHE_MS", "1000"),
+                ],
+                "IGNY8_DIRECTORY_CACHE_MS",
             ),
             (
                 vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_RUN_MIGRATIONS", "maybe")],

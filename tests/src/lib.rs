@@ -415,6 +415,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
         directory_cache_ttl: auth_interceptor::DEFAULT_CACHE_TTL,
         log_format: LogFormat::Text,
         otlp_endpoint: None,
+        page_token_key: None,
     }
 }
 
