@@ -4,7 +4,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, MAX_CACHE_TTL, Secret, VerifierConfig};
+use auth_interceptor::{
+    DEFAULT_CACHE_TTL, KeyConfig, MAX_CACHE_TTL, Secret, TokenVerifier, VerifierConfig,
+};
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
 
 /// A configuration problem, reported before anything starts.
@@ -93,6 +95,13 @@ impl ServiceConfig {
                 defaults.metrics_addr,
             )?),
         };
+        let key_variable = if get("IGNY8_JWT_PUBLIC_KEY_FILE").is_some() {
+            "IGNY8_JWT_PUBLIC_KEY_FILE"
+        } else if get("IGNY8_JWKS_FILE").is_some() {
+            "IGNY8_JWKS_FILE"
+        } else {
+            "IGNY8_JWT_SECRET"
+        };
         let keys = match (
             get("IGNY8_JWT_SECRET"),
             get("IGNY8_JWT_PUBLIC_KEY_FILE"),
@@ -128,6 +137,9 @@ impl ServiceConfig {
                 0..=3600,
             )?),
         };
+        // Key material is checked now (curve, private keys, JWKS key use),
+        // so a key that could never verify a token stops start-up, named.
+        TokenVerifier::new(&jwt).map_err(|e| ConfigError(format!("{key_variable}: {e}")))?;
         let log_format = match get("IGNY8_LOG_FORMAT").as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -307,6 +319,28 @@ mod tests {
         assert_eq!(c.metrics_addr.unwrap().to_string(), "0.0.0.0:9101");
         assert_eq!(c.otlp_endpoint, None);
         assert!(c.page_token_key.is_none());
+    }
+
+    #[test]
+    fn unusable_key_material_stops_start_up_naming_the_variable() {
+        let fixture = |name: &str| {
+            format!(
+                "{}/../tests/fixtures/keys/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        };
+        for (name, needle) in [
+            ("ec_p384_public.pem", "P-384"),
+            ("rsa_private.pem", "private key"),
+        ] {
+            let err = load(&[("IGNY8_JWT_PUBLIC_KEY_FILE", &fixture(name))])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("IGNY8_JWT_PUBLIC_KEY_FILE"), "{err}");
+            assert!(err.contains(needle), "{err}");
+        }
+        let ok = load(&[("IGNY8_JWT_PUBLIC_KEY_FILE", &fixture("ec_public.pem"))]);
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]
