@@ -28,6 +28,9 @@ pub mod headers {
     pub const ACT_AS: &str = "x-igny8-act-as-account";
     /// Identity metadata a caller may never set: removed from every request.
     pub const IDENTITY: [&str; 3] = [ACCOUNT_ID, USER_ID, ROLE];
+
+    // The two parsers, public for the fuzz targets in `fuzz/`.
+    pub use super::{act_as, bearer};
 }
 
 /// Verifies, resolves and authorizes one call.
@@ -91,7 +94,8 @@ impl Authenticator {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
+/// The token of the one `authorization: Bearer <jwt>` entry.
+pub fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
     let value = values.next().ok_or(AuthError::MissingToken)?;
     let extra = values.count();
@@ -115,7 +119,8 @@ fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
     Ok(BearerToken::new(token))
 }
 
-fn act_as(headers: &HeaderMap) -> Result<Option<i64>, AuthError> {
+/// The account of the one `x-igny8-act-as-account` entry, if any.
+pub fn act_as(headers: &HeaderMap) -> Result<Option<i64>, AuthError> {
     let mut values = headers.get_all(headers::ACT_AS).iter();
     let Some(value) = values.next() else {
         return Ok(None);

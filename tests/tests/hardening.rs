@@ -372,7 +372,7 @@ async fn false_flags_without_a_mask_are_refused(b: Backend) {
     s.writer_enabled = false;
     let err = c
         .update_module_settings(UpdateModuleSettingsRequest {
-            settings: Some(s.clone()),
+            settings: Some(s),
             update_mask: None,
         })
         .await
