@@ -435,29 +435,23 @@ async fn the_ledger_is_append_only_in_the_schema(b: Backend) {
         Backend::Sqlite => &[
             "DELETE FROM credit_ledger",
             "UPDATE credit_ledger SET credits = -1",
-            // Same id: refused outright.
+            // REPLACE would delete the row it collides with: on the id…
             "INSERT OR REPLACE INTO credit_ledger (id, account_id, kind, credits, balance_after, \
              idempotency_key, request_hash, actor, created_at) \
              SELECT id, account_id, 'grant', 1000, 1000, 'other', 'h', 'x', created_at FROM credit_ledger",
+            // …or on the idempotency key of its kind.
+            "INSERT OR REPLACE INTO credit_ledger (account_id, kind, credits, balance_after, \
+             idempotency_key, request_hash, actor, created_at) \
+             SELECT account_id, kind, -1, 0, idempotency_key, 'h', 'x', created_at FROM credit_ledger",
+            "REPLACE INTO credit_ledger (account_id, kind, credits, balance_after, \
+             idempotency_key, request_hash, actor, created_at) \
+             SELECT account_id, kind, -1, 0, idempotency_key, 'h', 'x', created_at FROM credit_ledger",
         ],
     };
     for sql in attempts {
         let result = on_pool!(&db.db, pool => sqlx::query(*sql).execute(pool).await.map(|_| ()));
         let err = result.expect_err(sql);
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
-    }
-    if b == Backend::Sqlite {
-        // Same idempotency key, new id: skipped, the original row stays.
-        for sql in [
-            "INSERT OR REPLACE INTO credit_ledger (account_id, kind, credits, balance_after, \
-             idempotency_key, request_hash, actor, created_at) \
-             SELECT account_id, 'grant', 1000, 1000, idempotency_key, 'h', 'x', created_at FROM credit_ledger",
-            "REPLACE INTO credit_ledger (account_id, kind, credits, balance_after, \
-             idempotency_key, request_hash, actor, created_at) \
-             SELECT account_id, 'grant', 1000, 1000, idempotency_key, 'h', 'x', created_at FROM credit_ledger",
-        ] {
-            on_pool!(&db.db, pool => sqlx::query(sql).execute(pool).await.map(|_| ())).expect(sql);
-        }
     }
     assert_eq!(db.ledger_sum(ACCOUNT).await, (-5, 1));
     let listed = editor
@@ -467,7 +461,7 @@ async fn the_ledger_is_append_only_in_the_schema(b: Backend) {
         .into_inner()
         .transactions;
     assert_eq!(listed, vec![row], "the row is exactly as written");
-    // The service's own retry path (ON CONFLICT DO NOTHING) still replays.
+    // The service's own retry path still replays.
     let again = editor
         .deduct(deduct_credits(5, "keep-me"))
         .await
