@@ -427,7 +427,7 @@ async fn the_ledger_is_append_only_in_the_schema(b: Backend) {
         .unwrap();
     let attempts: &[&str] = match b {
         Backend::Postgres => &[
-            "TRUNCATE credit_ledger",
+            "TRUNCATE credit_ledger CASCADE",
             "TRUNCATE accounts CASCADE",
             "DELETE FROM credit_ledger",
             "UPDATE credit_ledger SET credits = -1",
