@@ -1,4 +1,4 @@
-//! Configuration from the environment (SPEC §5). Every variable has a
+//! Configuration from the environment (docs/api.md, "Configuration"). Every variable has a
 //! default except the JWT key; anything malformed stops start-up with a
 //! message naming the variable.
 
@@ -8,6 +8,9 @@ use auth_interceptor::{
     DEFAULT_CACHE_TTL, KeyConfig, MAX_CACHE_TTL, Secret, TokenVerifier, VerifierConfig,
 };
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
+
+/// How often an open stream re-checks the caller's access by default.
+pub const DEFAULT_STREAM_RECHECK: Duration = Duration::from_secs(30);
 
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,9 @@ pub struct ServiceConfig {
     /// least 32 bytes). Unset: derived from `IGNY8_JWT_SECRET` when that is
     /// the key, else random per process (see `docs/decisions.md`).
     pub page_token_key: Option<Secret<Vec<u8>>>,
+    /// `IGNY8_STREAM_RECHECK_SECS` (default 30, at most 60): how often an open
+    /// stream re-checks the caller's access.
+    pub stream_recheck: Duration,
 }
 
 impl ServiceConfig {
@@ -188,6 +194,12 @@ impl ServiceConfig {
             log_format,
             otlp_endpoint: parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT"))?,
             page_token_key: parse_page_token_key(lookup("IGNY8_PAGE_TOKEN_KEY"))?,
+            stream_recheck: Duration::from_secs(parse_num(
+                "IGNY8_STREAM_RECHECK_SECS",
+                get("IGNY8_STREAM_RECHECK_SECS"),
+                DEFAULT_STREAM_RECHECK.as_secs(),
+                1..=60,
+            )?),
         })
     }
 }
@@ -319,6 +331,7 @@ mod tests {
         assert_eq!(c.metrics_addr.unwrap().to_string(), "0.0.0.0:9101");
         assert_eq!(c.otlp_endpoint, None);
         assert!(c.page_token_key.is_none());
+        assert_eq!(c.stream_recheck, DEFAULT_STREAM_RECHECK);
     }
 
     #[test]
@@ -421,6 +434,13 @@ mod tests {
                     ("IGNY8_DIRECTORY_CACHE_MS", "1000"),
                 ],
                 "IGNY8_DIRECTORY_CACHE_MS",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("IGNY8_STREAM_RECHECK_SECS", "61"),
+                ],
+                "IGNY8_STREAM_RECHECK_SECS",
             ),
             (
                 vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_RUN_MIGRATIONS", "maybe")],

@@ -416,6 +416,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
         log_format: LogFormat::Text,
         otlp_endpoint: None,
         page_token_key: None,
+        stream_recheck: service_kit::config::DEFAULT_STREAM_RECHECK,
     }
 }
 
