@@ -6,6 +6,9 @@
 //!   endpoint, and SIGTERM drain;
 //! - [`telemetry`]: logs (text or JSON) and OpenTelemetry trace export with
 //!   W3C trace-context propagation;
+//! - [`tls`]: gRPC server TLS and mTLS, certificates re-read on change;
+//! - [`limits`]: transport limits and fair sharing (connection and stream
+//!   bounds, time-outs, in-flight caps per server and per principal);
 //! - [`main_helper`]: the `main` both binaries share.
 //!
 //! A service supplies its tonic service and its name; [`server::Server`]
@@ -16,12 +19,14 @@
 pub mod app;
 pub mod changes;
 pub mod config;
+pub mod limits;
 pub mod main_helper;
 mod metrics;
 mod rpc;
 pub mod server;
 pub mod streams;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::App;
 pub use changes::{Change, ChangeHub, Subscription};

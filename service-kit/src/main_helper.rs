@@ -11,6 +11,7 @@ use crate::{
 const CONFIG_HELP: &str = "\
 Configuration (environment):
   DATABASE_URL                  postgres://… or sqlite://… (default sqlite://igny8.db)
+                                (PostgreSQL TLS: ?sslmode=verify-full&sslrootcert=/path/ca.pem)
   IGNY8_LISTEN_ADDR             gRPC address (default {listen})
   IGNY8_METRICS_ADDR            Prometheus /metrics address, or `off` (default {metrics})
   IGNY8_JWT_SECRET              HS256 shared secret            } exactly one
@@ -23,10 +24,28 @@ Configuration (environment):
   IGNY8_SHUTDOWN_TIMEOUT_SECS   SIGTERM drain bound (default 20)
   IGNY8_DB_MAX_CONNECTIONS      pool size (default 16)
   IGNY8_DB_ACQUIRE_TIMEOUT_SECS wait for a pooled connection (default 5)
+  IGNY8_DB_STATEMENT_TIMEOUT_MS longest statement (PostgreSQL), busy wait (SQLite) (default 5000)
+  IGNY8_DB_LOCK_TIMEOUT_MS      longest wait for a row lock, PostgreSQL (default 2000)
+  IGNY8_DB_AUX_CONNECTIONS      separate pool for auth lookups and readiness (default 2)
   IGNY8_DIRECTORY_CACHE_MS      directory cache staleness bound, ≤ 900 (default 500)
+  IGNY8_MAX_CONNECTIONS         open gRPC connections, capped by the fd limit (default 512)
+  IGNY8_MAX_CONCURRENT_STREAMS  HTTP/2 streams per connection (default 128)
+  IGNY8_HEADER_READ_TIMEOUT_SECS a new connection must start a call within (default 10)
+  IGNY8_IDLE_TIMEOUT_SECS       close connections with no call for this long (default 120)
+  IGNY8_BODY_READ_TIMEOUT_SECS  a request body must arrive within (default 10)
+  IGNY8_MAX_REQUEST_BYTES       largest request body (default 131072)
+  IGNY8_HTTP2_KEEPALIVE_SECS    HTTP/2 PING interval (default 30)
+  IGNY8_HTTP2_KEEPALIVE_TIMEOUT_SECS unanswered PING closes the connection (default 10)
+  IGNY8_MAX_IN_FLIGHT           calls in flight before RESOURCE_EXHAUSTED (default 1024)
+  IGNY8_PRINCIPAL_SHARE_PERCENT one account's share of in-flight calls, or off (default 25)
   IGNY8_STREAM_RECHECK_SECS     Watch streams re-check access this often, 1–60 (default 30)
   IGNY8_LOG_FORMAT              text or json (default text)
-  OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC collector, http://host:4317 (unset: no trace export)
+  IGNY8_TLS_CERT_FILE           serve gRPC over TLS: certificate chain (PEM), re-read on change
+  IGNY8_TLS_KEY_FILE            its private key (PEM); set both or neither (default plaintext)
+  IGNY8_TLS_CLIENT_CA_FILE      require client certificates from these CAs (mTLS)
+  IGNY8_HEALTH_ADDR             extra plaintext port serving only gRPC health, for probes
+                                that cannot speak TLS (default off)
+  OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC collector, http(s)://host:4317 (unset: no trace export)
   RUST_LOG                      log filter (default info)";
 
 /// How long exiting waits for tasks still on the runtime.
