@@ -327,8 +327,8 @@ async fn errors_echo_caller_input_bounded(b: Backend) {
     let settings = spawn_settings(&db).await;
     let billing = spawn_billing(&db).await;
     let mut c = settings.settings(&access_token(ADMIN, None), None).await;
-    // A 3 MiB unknown mask path (under the 4 MiB a server accepts).
-    let huge = "x".repeat(3 << 20);
+    // A 100 KB unknown mask path (under the 128 KiB request limit).
+    let huge = "x".repeat(100_000);
     let err = c
         .update_module_settings(UpdateModuleSettingsRequest {
             settings: Some(ModuleSettings {
