@@ -1,7 +1,11 @@
 //! The directory: the platform's `users` and `accounts` tables, read-only,
 //! behind a cache whose staleness is bounded.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use igny8_db::{Db, on_pool};
@@ -11,6 +15,11 @@ use moka::future::Cache;
 /// platform (user moved, deactivated, role changed, account suspended) are
 /// honoured within this bound — under the 1 s the contract allows.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_millis(500);
+
+/// The longest cache TTL accepted, whatever the configuration: with the time
+/// a request takes around the lookup, answers stay well under the 1 s rule.
+/// [`CachedDirectory::new`] caps larger values to this.
+pub const MAX_CACHE_TTL: Duration = Duration::from_millis(900);
 
 /// A row of `users`.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -112,20 +121,27 @@ impl Directory for SqlDirectory {
 
 /// A directory in front of another, answering from memory for at most `ttl`.
 ///
-/// Absent users and accounts are cached too (a user created a moment ago is
-/// seen within the same bound). Failures are never cached. Concurrent misses
-/// for one key share a single load.
+/// The age of an answer is counted from when its read *began*, not from when
+/// it was stored, so a slow read cannot stretch the staleness bound: an
+/// answer older than `ttl` is never served. Absent users and accounts are
+/// cached too (a user created a moment ago is seen within the same bound).
+/// Failures are never cached. Concurrent misses for one key share a single
+/// load.
 pub struct CachedDirectory<D> {
     inner: Arc<D>,
-    users: Cache<i64, Option<UserRecord>>,
-    accounts: Cache<i64, Option<AccountRecord>>,
+    ttl: Duration,
+    users: Cache<i64, (Instant, Option<UserRecord>)>,
+    accounts: Cache<i64, (Instant, Option<AccountRecord>)>,
 }
 
 impl<D: Directory> CachedDirectory<D> {
-    /// Caches `inner` for `ttl` (see [`DEFAULT_CACHE_TTL`]).
+    /// Caches `inner` for `ttl` (see [`DEFAULT_CACHE_TTL`]), capped at
+    /// [`MAX_CACHE_TTL`].
     pub fn new(inner: D, ttl: Duration) -> Self {
+        let ttl = ttl.min(MAX_CACHE_TTL);
         Self {
             inner: Arc::new(inner),
+            ttl,
             users: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(ttl)
@@ -136,24 +152,62 @@ impl<D: Directory> CachedDirectory<D> {
                 .build(),
         }
     }
+
+    /// The TTL in force (the configured one, capped).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
+
+/// A cached answer no older than `ttl`, counted from the start of its read.
+async fn fresh<V, F, Fut>(
+    cache: &Cache<i64, (Instant, V)>,
+    id: i64,
+    ttl: Duration,
+    load: F,
+) -> Result<V, DirectoryError>
+where
+    V: Clone + Send + Sync + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<V, DirectoryError>>,
+{
+    if ttl.is_zero() {
+        return load().await;
+    }
+    let started = Instant::now();
+    let read = load();
+    let (read_at, value) = cache
+        .try_get_with(id, async move { read.await.map(|v| (started, v)) })
+        .await
+        .map_err(|e| (*e).clone())?;
+    if read_at.elapsed() < ttl {
+        return Ok(value);
+    }
+    // The read that produced this answer began too long ago (it was slow,
+    // or this call joined it late): read again, now.
+    cache.invalidate(&id).await;
+    let started = Instant::now();
+    let value = load().await?;
+    cache.insert(id, (started, value.clone())).await;
+    Ok(value)
 }
 
 #[async_trait]
 impl<D: Directory> Directory for CachedDirectory<D> {
     async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
-        let inner = self.inner.clone();
-        self.users
-            .try_get_with(id, async move { inner.user(id).await })
-            .await
-            .map_err(|e| (*e).clone())
+        fresh(&self.users, id, self.ttl, || {
+            let inner = self.inner.clone();
+            async move { inner.user(id).await }
+        })
+        .await
     }
 
     async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError> {
-        let inner = self.inner.clone();
-        self.accounts
-            .try_get_with(id, async move { inner.account(id).await })
-            .await
-            .map_err(|e| (*e).clone())
+        fresh(&self.accounts, id, self.ttl, || {
+            let inner = self.inner.clone();
+            async move { inner.account(id).await }
+        })
+        .await
     }
 }
 
@@ -172,13 +226,15 @@ mod tests {
         loads: AtomicUsize,
         active: Mutex<bool>,
         down: Mutex<bool>,
+        /// Extra latency of each load.
+        delay_ms: u64,
     }
 
     #[async_trait]
     impl Directory for Counting {
         async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
             self.loads.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20 + self.delay_ms)).await;
             if *self.down.lock().unwrap() {
                 return Err(DirectoryError("down".into()));
             }
@@ -211,6 +267,27 @@ mod tests {
             !cached.user(1).await.unwrap().unwrap().is_active,
             "refreshed after the ttl"
         );
+    }
+
+    #[tokio::test]
+    async fn the_ttl_is_capped_and_counted_from_the_start_of_the_read() {
+        let inner = Arc::new(Counting::default());
+        let cached = CachedDirectory::new(inner.clone(), Duration::from_secs(3600));
+        assert_eq!(
+            cached.ttl(),
+            MAX_CACHE_TTL,
+            "configuration cannot lift the bound"
+        );
+
+        // A read slower than the TTL is never served from memory afterwards.
+        let slow = Arc::new(Counting {
+            delay_ms: 120,
+            ..Default::default()
+        });
+        let cached = CachedDirectory::new(slow.clone(), Duration::from_millis(100));
+        cached.user(1).await.unwrap();
+        let loads = slow.loads.load(Ordering::SeqCst);
+        assert_eq!(loads, 2, "the answer was already too old: read again");
     }
 
     #[tokio::test]

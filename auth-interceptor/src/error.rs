@@ -25,6 +25,10 @@ pub enum AuthError {
     /// `authorization` is not `Bearer <token>`.
     #[error("malformed authorization metadata: expected `Bearer <jwt>`")]
     MalformedAuthorization,
+    /// More than one `authorization` entry: which one counts would be up to
+    /// whichever proxy or library reads first, so none does.
+    #[error("{0} `authorization` metadata entries: send exactly one `Bearer <jwt>`")]
+    DuplicateAuthorization(usize),
     /// The token is over 8 KiB.
     #[error("token is {0} bytes; tokens over 8192 bytes are rejected")]
     TokenTooLarge(usize),
@@ -103,6 +107,7 @@ impl AuthError {
             AuthError::MissingToken
             | AuthError::EmptyToken
             | AuthError::MalformedAuthorization
+            | AuthError::DuplicateAuthorization(_)
             | AuthError::TokenTooLarge(_)
             | AuthError::InvalidToken(_)
             | AuthError::UserInactive(_) => Code::Unauthenticated,
@@ -124,7 +129,9 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::MissingToken => "MISSING_CREDENTIALS",
-            AuthError::EmptyToken | AuthError::MalformedAuthorization => "MALFORMED_CREDENTIALS",
+            AuthError::EmptyToken
+            | AuthError::MalformedAuthorization
+            | AuthError::DuplicateAuthorization(_) => "MALFORMED_CREDENTIALS",
             AuthError::TokenTooLarge(_) => "TOKEN_TOO_LARGE",
             AuthError::InvalidToken(_) => "INVALID_TOKEN",
             AuthError::UserInactive(_) => "USER_INACTIVE",

@@ -34,6 +34,9 @@ pub mod headers {
     pub const ACT_AS: &str = "x-igny8-act-as-account";
     /// Identity metadata a caller may never set: removed from every request.
     pub const IDENTITY: [&str; 3] = [ACCOUNT_ID, USER_ID, ROLE];
+
+    // The two parsers, public for the fuzz targets in `fuzz/`.
+    pub use super::{act_as, bearer};
 }
 
 /// Verifies, resolves and authorizes one call.
@@ -101,7 +104,7 @@ impl Authenticator {
         let rule = self
             .policy
             .rule(path)
-            .ok_or_else(|| AuthError::UnknownMethod(path.to_owned()))?;
+            .ok_or_else(|| AuthError::UnknownMethod(crate::echo(path)))?;
         let act_as = act_as(headers)?;
         let ctx = self.resolver.resolve(&verified, act_as, rule).await?;
         let recheck = self
@@ -111,10 +114,14 @@ impl Authenticator {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
-    let value = headers
-        .get(http::header::AUTHORIZATION)
-        .ok_or(AuthError::MissingToken)?;
+/// The token of the one `authorization: Bearer <jwt>` entry.
+pub fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(AuthError::MissingToken)?;
+    let extra = values.count();
+    if extra > 0 {
+        return Err(AuthError::DuplicateAuthorization(extra + 1));
+    }
     if value.len() > crate::verify::MAX_TOKEN_BYTES + 16 {
         return Err(AuthError::TokenTooLarge(value.len()));
     }
@@ -135,7 +142,8 @@ fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
     Ok(BearerToken::new(token))
 }
 
-fn act_as(headers: &HeaderMap) -> Result<Option<i64>, AuthError> {
+/// The account of the one `x-igny8-act-as-account` entry, if any.
+pub fn act_as(headers: &HeaderMap) -> Result<Option<i64>, AuthError> {
     let mut values = headers.get_all(headers::ACT_AS).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -290,6 +298,13 @@ mod tests {
                 .unwrap()
                 .expose(),
             "a.b.c"
+        );
+        assert_eq!(
+            bearer(&map(&[
+                ("authorization", "Bearer a.b.c"),
+                ("authorization", "Bearer d.e.f")
+            ])),
+            Err(AuthError::DuplicateAuthorization(2))
         );
     }
 

@@ -22,6 +22,7 @@
 mod client;
 mod context;
 mod directory;
+mod echo;
 mod error;
 mod layer;
 mod metrics;
@@ -34,8 +35,9 @@ pub use client::BearerInterceptor;
 pub use context::{AuthContext, Caller, Role};
 pub use directory::{
     AccountRecord, AccountStatus, CachedDirectory, DEFAULT_CACHE_TTL, Directory, DirectoryError,
-    SqlDirectory, UserRecord,
+    MAX_CACHE_TTL, SqlDirectory, UserRecord,
 };
+pub use echo::{MAX_ECHO_CHARS, echo};
 pub use error::{AuthError, ERROR_DOMAIN};
 pub use layer::{AuthLayer, AuthService, Authenticator, headers};
 pub use metrics::AuthMetrics;

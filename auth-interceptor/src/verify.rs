@@ -6,7 +6,9 @@ use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     errors::ErrorKind,
-    jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm},
+    jwk::{
+        AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, KeyOperations, PublicKeyUse,
+    },
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -167,6 +169,7 @@ impl TokenVerifier {
             KeyConfig::Jwks(doc) => {
                 let set: JwkSet =
                     serde_json::from_str(doc).map_err(|e| format!("invalid JWKS: {e}"))?;
+                refuse_private_jwks(doc)?;
                 let mut by_kid = HashMap::new();
                 let mut usable = Vec::new();
                 for (i, jwk) in set.keys.iter().enumerate() {
@@ -213,7 +216,7 @@ impl TokenVerifier {
                 let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
                 match (header.kid, sole) {
                     (Some(kid), _) => by_kid.get(&kid).ok_or_else(|| {
-                        AuthError::InvalidToken(format!("unknown key id {kid:?}"))
+                        AuthError::InvalidToken(format!("unknown key id {}", crate::echo(&kid)))
                     })?,
                     (None, Some(sole)) => sole,
                     (None, None) => {
@@ -228,6 +231,26 @@ impl TokenVerifier {
             .map_err(invalid)?;
         principal(data.claims).map(|principal| VerifiedToken { principal })
     }
+}
+
+/// A JWKS is published; one carrying private key parameters (`d`, the
+/// private exponent or scalar) means the wrong file was mounted, and the
+/// secret is now where it should never be: refuse to start.
+fn refuse_private_jwks(doc: &str) -> Result<(), String> {
+    let raw: Value = serde_json::from_str(doc).map_err(|e| format!("invalid JWKS: {e}"))?;
+    let keys = raw.get("keys").and_then(Value::as_array);
+    for (i, key) in keys.into_iter().flatten().enumerate() {
+        if key.get("d").is_some() {
+            let name = key
+                .get("kid")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("#{i}"), |k| k.chars().take(64).collect());
+            return Err(format!(
+                "JWKS key {name} holds private key material (`d`); publish public keys only"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validation(alg: Algorithm, config: &VerifierConfig) -> Validation {
@@ -250,11 +273,95 @@ fn validation(alg: Algorithm, config: &VerifierConfig) -> Validation {
     v
 }
 
+/// DER of the named-curve OIDs an EC public key names (tag, length, value).
+const P256_OID: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const OTHER_CURVES: [(&str, &[u8]); 3] = [
+    ("P-384", &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22]),
+    ("P-521", &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23]),
+    ("secp256k1", &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a]),
+];
+
+/// The labels of every PEM block (`-----BEGIN <label>-----`).
+fn pem_labels(pem: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(pem)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+        .filter_map(|l| l.strip_suffix("-----"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The DER inside the first PEM block, if it decodes.
+fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    let text = String::from_utf8_lossy(pem);
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.trim().starts_with("-----BEGIN "))
+        .skip(1)
+        .take_while(|l| !l.trim().starts_with("-----END "))
+        .filter(|l| !l.contains(':'))
+        .collect::<Vec<_>>()
+        .concat();
+    STANDARD.decode(body.trim()).ok()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Start-up checks of a PEM public key: one block, a public key (never a
+/// private key or anything else), and for EC the P-256 curve. A key that
+/// passed the parser but could never verify a token would otherwise turn
+/// every call into UNAUTHENTICATED with nothing pointing at the key file.
+fn check_pem(pem: &[u8]) -> Result<(), String> {
+    let labels = pem_labels(pem);
+    if labels.iter().any(|l| l.contains("PRIVATE")) {
+        return Err(
+            "the public key file holds a private key; give the public key only \
+             (`openssl pkey -in private.pem -pubout`), and keep the private key off this server"
+                .into(),
+        );
+    }
+    match labels.as_slice() {
+        [one] if one == "PUBLIC KEY" || one == "RSA PUBLIC KEY" => {}
+        [] => return Err("the public key file holds no PEM block".into()),
+        [other] => {
+            return Err(format!(
+                "the public key file holds a {other:?} block; expected `PUBLIC KEY`"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "the public key file holds {} PEM blocks; give exactly one public key (use IGNY8_JWKS_FILE for several)",
+                labels.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_ec_curve(pem: &[u8]) -> Result<(), String> {
+    let der = pem_der(pem).ok_or("the EC public key's PEM body is not valid base64")?;
+    if contains(&der, P256_OID) {
+        return Ok(());
+    }
+    let curve = OTHER_CURVES
+        .iter()
+        .find(|(_, oid)| contains(&der, oid))
+        .map_or("an unsupported curve", |(name, _)| name);
+    Err(format!(
+        "the EC public key is on {curve}; only P-256 (ES256) is accepted"
+    ))
+}
+
 fn pem_key(pem: &[u8]) -> Result<(DecodingKey, Algorithm), String> {
+    check_pem(pem)?;
     if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
         return Ok((k, Algorithm::RS256));
     }
     if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+        check_ec_curve(pem)?;
         return Ok((k, Algorithm::ES256));
     }
     if let Ok(k) = DecodingKey::from_ed_pem(pem) {
@@ -264,6 +371,23 @@ fn pem_key(pem: &[u8]) -> Result<(DecodingKey, Algorithm), String> {
 }
 
 fn jwk_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
+    match &jwk.common.public_key_use {
+        None | Some(PublicKeyUse::Signature) => {}
+        Some(PublicKeyUse::Encryption) => {
+            return Err("marked `use: enc` (an encryption key, not for signatures)".into());
+        }
+        Some(PublicKeyUse::Other(other)) => {
+            return Err(format!(
+                "marked `use: {}`, not `sig`",
+                other.chars().take(32).collect::<String>()
+            ));
+        }
+    }
+    if let Some(ops) = &jwk.common.key_operations
+        && !ops.contains(&KeyOperations::Verify)
+    {
+        return Err("its `key_ops` do not include `verify`".into());
+    }
     let from_type = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => Algorithm::RS256,
         AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,

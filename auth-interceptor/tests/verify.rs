@@ -448,3 +448,70 @@ fn jwks_tolerates_foreign_keys_and_a_lone_key_without_kid() {
     );
     assert!(TokenVerifier::new(&VerifierConfig::hs256(Vec::new())).is_err());
 }
+
+#[test]
+fn key_material_is_checked_at_start_up() {
+    let refused = |keys: KeyConfig| {
+        TokenVerifier::new(&VerifierConfig {
+            keys,
+            ..VerifierConfig::hs256(SECRET)
+        })
+        .expect_err("must be refused at start-up")
+    };
+    // An EC key on another curve would parse, then fail every token.
+    let err = refused(KeyConfig::PublicKeyPem(key("ec_p384_public.pem")));
+    assert!(err.contains("P-384") && err.contains("P-256"), "{err}");
+    // A private key where the public one belongs, whatever its type.
+    for private in ["rsa_private.pem", "ec_private.pem", "ed_private.pem"] {
+        let err = refused(KeyConfig::PublicKeyPem(key(private)));
+        assert!(err.contains("private key"), "{private}: {err}");
+    }
+    // Two blocks, or none.
+    let mut two = key("rsa_public.pem");
+    two.extend(key("ec_public.pem"));
+    assert!(refused(KeyConfig::PublicKeyPem(two)).contains("2 PEM blocks"));
+    assert!(refused(KeyConfig::PublicKeyPem(b"not a key".to_vec())).contains("no PEM block"));
+
+    // JWKS: an encryption key is skipped; alone, nothing usable is left.
+    let mut enc = jwk(Algorithm::RS256, "rsa_private.pem", "enc");
+    enc.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Encryption);
+    let set = |keys: Vec<Jwk>| KeyConfig::Jwks(serde_json::to_string(&JwkSet { keys }).unwrap());
+    assert!(refused(set(vec![enc.clone()])).contains("no usable key"));
+    // Beside a signing key, tokens under the encryption key's kid are refused.
+    let v = with_keys(set(vec![
+        enc,
+        jwk(Algorithm::ES256, "ec_private.pem", "sig"),
+    ]));
+    let msg = rejected(
+        &v,
+        &signed(
+            Algorithm::RS256,
+            "rsa_private.pem",
+            Some("enc"),
+            &access(json!({})),
+        ),
+    );
+    assert!(msg.contains("unknown key id"), "{msg}");
+    v.verify(&signed(
+        Algorithm::ES256,
+        "ec_private.pem",
+        Some("sig"),
+        &access(json!({})),
+    ))
+    .unwrap();
+    // key_ops without verify: skipped the same way.
+    let mut sign_only = jwk(Algorithm::ES256, "ec_private.pem", "so");
+    sign_only.common.key_operations = Some(vec![jsonwebtoken::jwk::KeyOperations::Sign]);
+    assert!(refused(set(vec![sign_only])).contains("no usable key"));
+    // Private parameters in a JWKS: refused outright, naming the key.
+    let mut doc: Value = serde_json::from_str(
+        &serde_json::to_string(&JwkSet {
+            keys: vec![jwk(Algorithm::ES256, "ec_private.pem", "leaky")],
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    doc["keys"][0]["d"] = json!("c2VjcmV0");
+    let err = refused(KeyConfig::Jwks(doc.to_string()));
+    assert!(err.contains("leaky") && err.contains("private"), "{err}");
+}

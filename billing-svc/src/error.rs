@@ -179,6 +179,15 @@ impl From<BillingError> for Status {
                     ("available".to_owned(), available.to_string()),
                 ]),
             ),
+            BillingError::BalanceOverflow { balance, credits } => ErrorDetails::with_error_info(
+                "BALANCE_OVERFLOW",
+                ERROR_DOMAIN,
+                HashMap::from([
+                    ("balance".to_owned(), balance.to_string()),
+                    ("credits".to_owned(), credits.to_string()),
+                    ("max_balance".to_owned(), i64::MAX.to_string()),
+                ]),
+            ),
             BillingError::IdempotencyKeyReused { key } => ErrorDetails::with_error_info(
                 "IDEMPOTENCY_KEY_REUSED",
                 ERROR_DOMAIN,
@@ -228,9 +237,6 @@ impl From<BillingError> for Status {
                 ERROR_DOMAIN,
                 HashMap::from([("kind".to_owned(), kind.clone())]),
             ),
-            BillingError::BalanceOverflow { .. } => {
-                ErrorDetails::with_error_info("BALANCE_OVERFLOW", ERROR_DOMAIN, HashMap::new())
-            }
             BillingError::Overloaded(what) => ErrorDetails::with_error_info(
                 "LEDGER_OVERLOADED",
                 ERROR_DOMAIN,
@@ -301,6 +307,13 @@ mod tests {
                 Code::AlreadyExists,
             ),
             (BillingError::AccountNotFound(1), Code::NotFound),
+            (
+                BillingError::BalanceOverflow {
+                    balance: i64::MAX,
+                    credits: 1,
+                },
+                Code::FailedPrecondition,
+            ),
             (
                 BillingError::from(sqlx::Error::PoolTimedOut),
                 Code::Unavailable,

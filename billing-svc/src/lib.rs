@@ -38,6 +38,8 @@ pub const DEFAULTS: Defaults = Defaults {
 
 /// Billing-only configuration, beyond [`ServiceConfig`].
 pub const EXTRA_HELP: &str = "  IGNY8_COST_TABLE_FILE         replace the built-in cost table with a .toml or .json file
+  IGNY8_PAGE_TOKEN_KEY          ListTransactions page-token key, ≥ 32 bytes, the same on every replica
+                                (unset: derived from IGNY8_JWT_SECRET, else random per process)
   IGNY8_LEDGER_MAX_BATCH        most balance changes applied in one transaction (default 128)
   IGNY8_LEDGER_SHARDS           ledger writer tasks, one connection each (default 4 PostgreSQL, 1 SQLite)
   IGNY8_LEDGER_QUEUE            requests waiting per writer before RESOURCE_EXHAUSTED (default 4096)
@@ -70,6 +72,25 @@ pub fn cost_table_from_env() -> Result<CostTable, String> {
     }
 }
 
+/// The page-token MAC key material: `IGNY8_PAGE_TOKEN_KEY`; else the HS256
+/// secret (a secret every replica shares; [`PageTokens`](page_token::PageTokens)
+/// hashes it with its own label, so the MAC key is not the JWT key); else 32
+/// random bytes, with a warning: a public key is no secret, so tokens are
+/// then only good on this process, and a client that gets a token from
+/// another replica or across a restart is told to start again.
+fn page_token_key(config: &ServiceConfig) -> Vec<u8> {
+    match (&config.page_token_key, &config.jwt.keys) {
+        (Some(key), _) => key.expose().clone(),
+        (None, KeyConfig::Hs256Secret(secret)) => secret.expose().clone(),
+        (None, KeyConfig::PublicKeyPem(_) | KeyConfig::Jwks(_)) => {
+            tracing::warn!(
+                "IGNY8_PAGE_TOKEN_KEY is unset and the JWT key is public: ListTransactions page tokens use a random per-process key and are refused by other replicas and after a restart; set IGNY8_PAGE_TOKEN_KEY (≥ 32 bytes, the same on every replica)"
+            );
+            rand::random::<[u8; 32]>().to_vec()
+        }
+    }
+}
+
 /// A bound billing server, ready to [`service_kit::App::run_until_stopped`].
 pub type App = service_kit::App<BillingServiceServer<metrics::Metered<Billing>>>;
 
@@ -86,11 +107,7 @@ pub async fn build_with(
     table: CostTable,
     options: BillingOptions,
 ) -> Result<App, StartError> {
-    let key_material = match &config.jwt.keys {
-        KeyConfig::Hs256Secret(secret) => secret.expose().clone(),
-        KeyConfig::PublicKeyPem(pem) => pem.clone(),
-        KeyConfig::Jwks(doc) => doc.clone().into_bytes(),
-    };
+    let key_material = page_token_key(&config);
     let mut server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
     let streams = server.streams();
     let changes = ChangeHub::start(server.db(), BALANCE_CHANNEL, streams.drain.clone());

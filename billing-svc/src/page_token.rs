@@ -1,9 +1,10 @@
 //! Opaque, tamper-proof page tokens for `ListTransactions`.
 //!
 //! A token is `base64url(account ‖ last_id ‖ HMAC-SHA256(key, account ‖ last_id)[..16])`.
-//! The MAC key is derived from the service's JWT key material, so every
-//! replica with the same configuration accepts the same tokens; a token is
-//! bound to the account it was issued for.
+//! The MAC key is derived from `IGNY8_PAGE_TOKEN_KEY` (or, unset, the HS256
+//! secret; never a public key: see `billing_svc::build`), so every replica
+//! with the same configuration accepts the same tokens; a token is bound to
+//! the account it was issued for.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};

@@ -52,6 +52,10 @@ const MAX_HOLD_ID_LEN: usize = 64;
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
 /// Largest `ListTransactions` page.
 pub const MAX_PAGE_SIZE: i32 = 1000;
+/// Largest encoded `ListTransactions` response: what a default gRPC client
+/// accepts (4 MiB). A page that would grow past it ends early, with a
+/// `next_page_token`, whatever `page_size` asked for.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The billing service.
 #[derive(Debug, Clone)]
@@ -269,6 +273,14 @@ fn check_text(field: &str, text: &str, required: bool) -> Result<(), BillingErro
             format!("at most {MAX_TEXT_LEN} characters"),
         ));
     }
+    if let Some(at) = text.find('\0') {
+        // PostgreSQL text cannot hold U+0000: refuse it here, for both
+        // backends alike, rather than fail in the database.
+        return Err(BillingError::field(
+            field,
+            format!("must not contain the NUL character (U+0000); found at byte {at}"),
+        ));
+    }
     Ok(())
 }
 
@@ -299,6 +311,32 @@ fn check_metadata(
         }
     }
     Ok(metadata.into_iter().collect())
+}
+
+/// The leading rows whose encoded page stays within [`MAX_PAGE_BYTES`]
+/// (always at least one), and the id of the last one kept. Sets `more` when
+/// rows were left for the next page.
+fn within_bytes(rows: Vec<LedgerRow>, more: &mut bool) -> (Vec<pb::Transaction>, Option<i64>) {
+    use prost::Message;
+    // Room for `next_page_token` (a 43-character token and its framing).
+    let budget = MAX_PAGE_BYTES - 64;
+    let mut used = 0;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut last_id = None;
+    for row in rows {
+        let id = row.id;
+        let t = transaction(row);
+        let len = t.encoded_len();
+        let framed = 1 + prost::length_delimiter_len(len) + len;
+        if used + framed > budget && !out.is_empty() {
+            *more = true;
+            break;
+        }
+        used += framed;
+        last_id = Some(id);
+        out.push(t);
+    }
+    (out, last_id)
 }
 
 fn check_ttl(ttl: Option<prost_types::Duration>) -> Result<std::time::Duration, BillingError> {
@@ -560,14 +598,15 @@ impl BillingService for Billing {
             .ledger
             .page(account, before, i64::from(page_size) + 1)
             .await?;
-        let more = rows.len() > page_size as usize;
+        let mut more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
-        let next_page_token = match rows.last() {
-            Some(last) if more => self.tokens.issue(account, last.id),
+        let (transactions, last_id) = within_bytes(rows, &mut more);
+        let next_page_token = match last_id {
+            Some(last) if more => self.tokens.issue(account, last),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListTransactionsResponse {
-            transactions: rows.into_iter().map(transaction).collect(),
+            transactions,
             next_page_token,
         }))
     }

@@ -163,7 +163,10 @@ impl Db {
                     // queue on the busy timeout (the statement bound) instead
                     // of failing at once.
                     .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
+                    // FULL: a commit is on disk before it is acknowledged,
+                    // so an acknowledged deduct survives power loss (NORMAL
+                    // in WAL mode may lose the last commits).
+                    .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(config.statement_timeout);
                 Ok(Db::Sqlite(
                     SqlitePoolOptions::new()
@@ -455,17 +458,52 @@ pub struct PoolState {
 }
 
 /// The URL with any password replaced by `***`, for messages and logs.
+///
+/// The user information ends at the *last* `@` before the query (passwords
+/// with an unescaped `@` or `/` are common in generated secrets), and
+/// `password=` / `sslpassword=` query parameters are redacted too. When in
+/// doubt it hides more, never less.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
+    let before_query = rest.split_once('?').map_or(rest, |(b, _)| b);
+    // A password holding `?` pushes its `@` past the query mark: then the
+    // last `@` anywhere ends the user information.
+    let at = before_query.rfind('@').or_else(|| rest.rfind('@'));
+    let mut out = format!("{scheme}://");
+    let remainder = match at {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => out.push_str(&format!("{user}:***@")),
+                None => out.push_str(&format!("{userinfo}@")),
+            }
+            &rest[at + 1..]
+        }
+        None => rest,
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    match remainder.split_once('?') {
+        None => out.push_str(remainder),
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _))
+                        if key.eq_ignore_ascii_case("password")
+                            || key.eq_ignore_ascii_case("sslpassword") =>
+                    {
+                        format!("{key}=***")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            out.push_str(path);
+            out.push('?');
+            out.push_str(&params.join("&"));
+        }
     }
+    out
 }
 
 /// True when the error is a unique-constraint violation.
@@ -519,6 +557,31 @@ mod tests {
             "postgres://igny8:***@db:5432/igny8"
         );
         assert_eq!(redact_url("sqlite://igny8.db"), "sqlite://igny8.db");
+        for (url, secret) in [
+            ("postgres://igny8:p@ss@db:5432/igny8", "p@ss"),
+            (
+                "postgres://igny8:a/b+c=@d@db/igny8?sslmode=require",
+                "a/b+c=@d",
+            ),
+            (
+                "postgres://igny8@db/igny8?password=hunter2&sslmode=verify-full",
+                "hunter2",
+            ),
+            (
+                "postgres://db/igny8?sslmode=require&PASSWORD=hunter2",
+                "hunter2",
+            ),
+            ("postgres://db/igny8?sslpassword=hunter2", "hunter2"),
+            ("postgres://igny8:pa?ss@db/igny8", "pa?ss"),
+        ] {
+            let r = redact_url(url);
+            assert!(!r.contains(secret), "{url} -> {r}");
+            assert!(r.contains("***"), "{url} -> {r}");
+        }
+        assert_eq!(
+            redact_url("postgres://igny8:p@ss@db:5432/igny8?sslmode=verify-full&password=x"),
+            "postgres://igny8:***@db:5432/igny8?sslmode=verify-full&password=***"
+        );
     }
 
     #[test]
@@ -548,5 +611,10 @@ mod tests {
         db.migrate().await.unwrap();
         let n: i64 = on_pool!(&db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM accounts").fetch_one(pool).await).unwrap();
         assert_eq!(n, 0);
+        // synchronous=FULL (2) on every pooled connection.
+        let sync: i64 =
+            on_pool!(&db, pool => sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await)
+                .unwrap();
+        assert_eq!(sync, 2, "SQLite must run with synchronous=FULL");
     }
 }

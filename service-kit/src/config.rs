@@ -4,11 +4,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, Secret, VerifierConfig};
+use auth_interceptor::{
+    DEFAULT_CACHE_TTL, KeyConfig, MAX_CACHE_TTL, Secret, TokenVerifier, VerifierConfig,
+};
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
 
-use crate::tls::TlsFiles;
 use crate::limits::Limits;
+use crate::tls::TlsFiles;
 /// How often an open stream re-checks the caller's access by default.
 pub const DEFAULT_STREAM_RECHECK: Duration = Duration::from_secs(30);
 
@@ -62,6 +64,10 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
+    /// `IGNY8_PAGE_TOKEN_KEY`: the MAC key of billing's page tokens (at
+    /// least 32 bytes). Unset: derived from `IGNY8_JWT_SECRET` when that is
+    /// the key, else random per process (see `docs/decisions.md`).
+    pub page_token_key: Option<Secret<Vec<u8>>>,
     /// `IGNY8_TLS_CERT_FILE`, `IGNY8_TLS_KEY_FILE`, `IGNY8_TLS_CLIENT_CA_FILE`:
     /// gRPC over TLS (and mTLS) when set; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
@@ -107,6 +113,13 @@ impl ServiceConfig {
                 defaults.metrics_addr,
             )?),
         };
+        let key_variable = if get("IGNY8_JWT_PUBLIC_KEY_FILE").is_some() {
+            "IGNY8_JWT_PUBLIC_KEY_FILE"
+        } else if get("IGNY8_JWKS_FILE").is_some() {
+            "IGNY8_JWKS_FILE"
+        } else {
+            "IGNY8_JWT_SECRET"
+        };
         let keys = match (
             get("IGNY8_JWT_SECRET"),
             get("IGNY8_JWT_PUBLIC_KEY_FILE"),
@@ -142,6 +155,9 @@ impl ServiceConfig {
                 0..=3600,
             )?),
         };
+        // Key material is checked now (curve, private keys, JWKS key use),
+        // so a key that could never verify a token stops start-up, named.
+        TokenVerifier::new(&jwt).map_err(|e| ConfigError(format!("{key_variable}: {e}")))?;
         let log_format = match get("IGNY8_LOG_FORMAT").as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -192,10 +208,16 @@ impl ServiceConfig {
             },
             directory_cache_ttl: match get("IGNY8_DIRECTORY_CACHE_MS") {
                 None => DEFAULT_CACHE_TTL,
-                v => Duration::from_millis(parse_num("IGNY8_DIRECTORY_CACHE_MS", v, 0, 0..=1000)?),
+                v => Duration::from_millis(parse_num(
+                    "IGNY8_DIRECTORY_CACHE_MS",
+                    v,
+                    0,
+                    0..=MAX_CACHE_TTL.as_millis() as u64,
+                )?),
             },
             log_format,
             otlp_endpoint: parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT"))?,
+            page_token_key: parse_page_token_key(lookup("IGNY8_PAGE_TOKEN_KEY"))?,
             tls: TlsFiles::from_vars(
                 get(crate::tls::CERT_VAR),
                 get(crate::tls::KEY_VAR),
@@ -215,6 +237,24 @@ impl ServiceConfig {
             )?),
         })
     }
+}
+
+/// Shortest accepted `IGNY8_PAGE_TOKEN_KEY`, in bytes.
+pub const MIN_PAGE_TOKEN_KEY_BYTES: usize = 32;
+
+/// `IGNY8_PAGE_TOKEN_KEY`, taken as given (no trimming: it is key material).
+/// Set but empty or short is refused: a weak key would go unnoticed.
+fn parse_page_token_key(value: Option<String>) -> Result<Option<Secret<Vec<u8>>>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value.len() < MIN_PAGE_TOKEN_KEY_BYTES {
+        return Err(ConfigError(format!(
+            "IGNY8_PAGE_TOKEN_KEY must be at least {MIN_PAGE_TOKEN_KEY_BYTES} bytes (it is {}); generate one with `openssl rand -base64 32`, or unset it",
+            value.len()
+        )));
+    }
+    Ok(Some(Secret::new(value.into_bytes())))
 }
 
 /// The transport limits (see [`Limits`] for the defaults).
@@ -373,6 +413,7 @@ mod tests {
         assert!(c.run_migrations);
         assert_eq!(c.metrics_addr.unwrap().to_string(), "0.0.0.0:9101");
         assert_eq!(c.otlp_endpoint, None);
+        assert!(c.page_token_key.is_none());
         assert_eq!(c.stream_recheck, DEFAULT_STREAM_RECHECK);
         assert_eq!(c.limits, Limits::default());
         assert_eq!(c.pool.lock_timeout, Duration::from_secs(2));
@@ -399,6 +440,42 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.limits.principal_share_percent, Some(10));
+    }
+
+    #[test]
+    fn unusable_key_material_stops_start_up_naming_the_variable() {
+        let fixture = |name: &str| {
+            format!(
+                "{}/../tests/fixtures/keys/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        };
+        for (name, needle) in [
+            ("ec_p384_public.pem", "P-384"),
+            ("rsa_private.pem", "private key"),
+        ] {
+            let err = load(&[("IGNY8_JWT_PUBLIC_KEY_FILE", &fixture(name))])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("IGNY8_JWT_PUBLIC_KEY_FILE"), "{err}");
+            assert!(err.contains(needle), "{err}");
+        }
+        let ok = load(&[("IGNY8_JWT_PUBLIC_KEY_FILE", &fixture("ec_public.pem"))]);
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn page_token_key_is_long_enough_or_refused() {
+        let key = "k".repeat(32);
+        let c = load(&[("IGNY8_JWT_SECRET", "s"), ("IGNY8_PAGE_TOKEN_KEY", &key)]).unwrap();
+        assert_eq!(c.page_token_key.unwrap().expose(), key.as_bytes());
+        for short in ["", " ", "short"] {
+            let err = load(&[("IGNY8_JWT_SECRET", "s"), ("IGNY8_PAGE_TOKEN_KEY", short)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("IGNY8_PAGE_TOKEN_KEY"), "{err}");
+            assert!(!err.contains("short"), "the key never appears: {err}");
+        }
     }
 
     #[test]
@@ -458,6 +535,13 @@ mod tests {
             (
                 vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_JWT_LEEWAY_SECS", "-1")],
                 "IGNY8_JWT_LEEWAY_SECS",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("IGNY8_DIRECTORY_CACHE_MS", "1000"),
+                ],
+                "IGNY8_DIRECTORY_CACHE_MS",
             ),
             (
                 vec![

@@ -27,7 +27,7 @@ Configuration (environment):
   IGNY8_DB_STATEMENT_TIMEOUT_MS longest statement (PostgreSQL), busy wait (SQLite) (default 5000)
   IGNY8_DB_LOCK_TIMEOUT_MS      longest wait for a row lock, PostgreSQL (default 2000)
   IGNY8_DB_AUX_CONNECTIONS      separate pool for auth lookups and readiness (default 2)
-  IGNY8_DIRECTORY_CACHE_MS      directory cache staleness bound, ≤ 1000 (default 500)
+  IGNY8_DIRECTORY_CACHE_MS      directory cache staleness bound, ≤ 900 (default 500)
   IGNY8_MAX_CONNECTIONS         open gRPC connections, capped by the fd limit (default 512)
   IGNY8_MAX_CONCURRENT_STREAMS  HTTP/2 streams per connection (default 128)
   IGNY8_HEADER_READ_TIMEOUT_SECS a new connection must start a call within (default 10)

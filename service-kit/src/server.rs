@@ -11,6 +11,7 @@ use http::{Request, Response};
 use igny8_db::Db;
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, server::NamedService};
 use tonic_health::{
     ServingStatus,

@@ -129,6 +129,7 @@ pub fn changes(
     let mut out = [None; 8];
     if paths.is_empty() {
         if let Some(s) = settings {
+            refuse_false_without_mask(s)?;
             for (i, on) in requested(s).into_iter().enumerate() {
                 out[i] = on.then_some(true);
             }
@@ -144,7 +145,11 @@ pub fn changes(
             p => named.push(modules::field_index(p).ok_or_else(|| {
                 SettingsError::field(
                     format!("update_mask.paths[{i}]"),
-                    format!("unknown or read-only field {p:?}; {}", updatable()),
+                    format!(
+                        "unknown or read-only field {}; {}",
+                        auth_interceptor::echo(p),
+                        updatable()
+                    ),
                 )
             })?),
         }
@@ -165,6 +170,34 @@ pub fn changes(
         out[i] = Some(values[i]);
     }
     Ok(out)
+}
+
+/// Without a mask only `true` flags count (proto3 cannot tell a `false`
+/// from an unset field), so a body whose `false` flags were clearly meant is
+/// refused instead of answered with OK and no change: one that sets no flag
+/// at all, or a whole resource sent back after a read (it carries the
+/// output-only `account_id` or times) with some module switched off.
+fn refuse_false_without_mask(s: &pb::ModuleSettings) -> Result<(), SettingsError> {
+    let flags = requested(s);
+    let any_false = flags.contains(&false);
+    let read_back = s.account_id != 0 || s.create_time.is_some() || s.update_time.is_some();
+    if any_false && (read_back || !flags.contains(&true)) {
+        let off: Vec<_> = FIELDS
+            .iter()
+            .zip(flags)
+            .filter(|(_, on)| !on)
+            .map(|(f, _)| *f)
+            .collect();
+        return Err(SettingsError::field(
+            "update_mask",
+            format!(
+                "required to switch modules off: without a mask only `true` flags are applied, and this body has {} false; send update_mask with the fields to change (e.g. {{\"paths\": [\"{}\"]}}), or [\"*\"] to set all eight",
+                off.join(", "),
+                off[0]
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The switches an update sets, for the log: `writer_enabled=false,
@@ -319,5 +352,41 @@ mod tests {
             assert!(changes(Some(&s), mask(bad).as_ref()).is_err(), "{bad:?}");
         }
         assert!(changes(None, mask(&["writer_enabled"]).as_ref()).is_err());
+    }
+
+    #[test]
+    fn false_flags_need_a_mask() {
+        // Nothing true, no mask: the caller meant to switch something off.
+        let nothing = pb::ModuleSettings::default();
+        let err = changes(Some(&nothing), None).unwrap_err().to_string();
+        assert!(err.contains("update_mask"), "{err}");
+        // A read-modify-write body: every flag, output-only fields set.
+        let read_back = pb::ModuleSettings {
+            account_id: 1,
+            planner_enabled: true,
+            writer_enabled: false,
+            ..Default::default()
+        };
+        let err = changes(Some(&read_back), None).unwrap_err().to_string();
+        assert!(err.contains("writer_enabled"), "{err}");
+        // With the mask, the same body is fine.
+        assert!(changes(Some(&read_back), mask(&["writer_enabled"]).as_ref()).is_ok());
+        // A fresh body that only switches modules on is unchanged AIP-134.
+        let on = pb::ModuleSettings {
+            writer_enabled: true,
+            ..Default::default()
+        };
+        assert_eq!(changes(Some(&on), None).unwrap()[1], Some(true));
+        // No body at all changes nothing and is fine.
+        assert!(changes(None, None).unwrap().iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn unknown_paths_are_echoed_bounded() {
+        let huge = "p".repeat(4 << 20);
+        let err = changes(None, mask(&[huge.as_str()]).as_ref()).unwrap_err();
+        let status = Status::from(err);
+        assert!(status.message().len() < 1024, "{}", status.message().len());
+        assert!(status.details().len() < 2048, "{}", status.details().len());
     }
 }

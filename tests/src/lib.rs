@@ -417,6 +417,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
         directory_cache_ttl: auth_interceptor::DEFAULT_CACHE_TTL,
         log_format: LogFormat::Text,
         otlp_endpoint: None,
+        page_token_key: None,
         tls: None,
         health_addr: None,
         // Default transport limits, but no per-principal cap: the ledger
