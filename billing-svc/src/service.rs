@@ -54,6 +54,7 @@ pub struct Billing {
     table: Arc<CostTable>,
     ledger: Ledger,
     tokens: PageTokens,
+    modules: Option<crate::modules::ModuleGate>,
 }
 
 /// A cost as asked for: by usage or as raw credits.
@@ -157,6 +158,25 @@ impl Billing {
             table,
             ledger,
             tokens: PageTokens::new(page_token_key),
+            modules: None,
+        }
+    }
+
+    /// Refuses usage charges of disabled modules, asking `gate`; `None` =
+    /// module checks off.
+    pub fn with_modules(mut self, gate: Option<crate::modules::ModuleGate>) -> Self {
+        self.modules = gate;
+        self
+    }
+
+    /// SPEC §3.5: a usage charge (not raw credits) of a disabled module is
+    /// refused. Called after every other validation, before any write.
+    async fn check_module(&self, account: i64, priced: &Priced) -> Result<(), BillingError> {
+        match &self.modules {
+            Some(gate) if !priced.operation.is_empty() => {
+                gate.check(account, &priced.operation).await
+            }
+            _ => Ok(()),
         }
     }
 
@@ -457,6 +477,7 @@ impl BillingService for Billing {
         let priced = self.price(r.cost.map(CostSpec::from), "usage.")?;
         check_text("description", &r.description, false)?;
         let metadata = check_metadata(r.metadata)?;
+        self.check_module(account, &priced).await?;
         let request_hash = Fingerprint {
             kind: "deduct",
             credits: priced.operation.is_empty().then_some(priced.credits),
@@ -604,6 +625,7 @@ impl BillingService for Billing {
         let ttl = check_ttl(r.ttl)?;
         check_text("description", &r.description, false)?;
         let metadata = check_metadata(r.metadata)?;
+        self.check_module(account, &priced).await?;
         let request_hash = Fingerprint {
             kind: "reserve",
             credits: priced.operation.is_empty().then_some(priced.credits),
