@@ -46,8 +46,8 @@ pub const EXTRA_HELP: &str = "  IGNY8_COST_TABLE_FILE         replace the built-
                                 while the operation's module is off (unset: module checks off)
   IGNY8_SETTINGS_TOKEN_FILE     billing's service token for settings, re-read when the file
                                 changes (unset: minted with IGNY8_JWT_SECRET, sub billing-svc)
-  IGNY8_SETTINGS_CACHE_MS       module answers are re-asked after this, ≤ 1000 (default 500)
-  IGNY8_SETTINGS_STALE_MS       and served this much longer while settings is down (default 500)
+  IGNY8_SETTINGS_CACHE_MS       module answers are re-asked after this, ≤ 1000 (default 250)
+  IGNY8_SETTINGS_STALE_MS       and served this much longer while settings is down (default 250)
   IGNY8_SETTINGS_TIMEOUT_MS     bound on one settings call (default 1000)";
 
 /// Billing-only options, beyond [`ServiceConfig`].
@@ -109,10 +109,10 @@ pub async fn build_with(
         Some(settings) => {
             let gate = modules::ModuleGate::new(settings, &config.jwt, table.clone())
                 .map_err(StartError::Config)?;
-            if settings.refresh_after + settings.serve_stale_for > Duration::from_secs(1) {
+            if settings.refresh_after + settings.serve_stale_for > Duration::from_millis(500) {
                 tracing::warn!(
-                    "IGNY8_SETTINGS_CACHE_MS + IGNY8_SETTINGS_STALE_MS exceed 1 s: while settings-svc \
-                     is down, a module switched off may still be charged for that long"
+                    "IGNY8_SETTINGS_CACHE_MS + IGNY8_SETTINGS_STALE_MS exceed 500 ms: with settings' \
+                     own 500 ms cache, a module switched off may be charged for over 1 s"
                 );
             }
             tracing::info!(settings = %settings.url, "module checks on");

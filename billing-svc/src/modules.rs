@@ -8,12 +8,14 @@
 //! (account, module):
 //!
 //! - an answer is used without asking again for [`SettingsOptions::refresh_after`]
-//!   (default 500 ms) after the question was sent, so a change made on any
-//!   settings replica is honoured within that bound;
+//!   (default 250 ms) after the question was sent;
 //! - when settings cannot be asked, the last answer is still used until it is
-//!   `refresh_after + serve_stale_for` old (default 1 s in all), so even an
-//!   outage never stretches a change beyond 1 s; after that, or with no
-//!   answer at all, the call fails closed with `SETTINGS_UNAVAILABLE`;
+//!   `refresh_after + serve_stale_for` old (default 500 ms in all); after
+//!   that, or with no answer at all, the call fails closed with
+//!   `SETTINGS_UNAVAILABLE`;
+//! - so billing adds at most 500 ms to settings' own staleness (its
+//!   `CheckModule` cache, ≤ 500 ms across replicas): a change made on any
+//!   settings replica is honoured within 1 s, even across an outage;
 //! - [`ModuleGate::invalidate`] drops an account's answers at once (for a
 //!   change notification), and an answer asked before the invalidation is
 //!   never served afterwards, even if its request was still in flight.
@@ -43,9 +45,9 @@ use tonic::{
 use crate::{costs::CostTable, error::BillingError};
 
 /// How long an answer is used before settings is asked again.
-pub const DEFAULT_REFRESH_AFTER: Duration = Duration::from_millis(500);
+pub const DEFAULT_REFRESH_AFTER: Duration = Duration::from_millis(250);
 /// How much longer an answer is used while settings cannot be asked.
-pub const DEFAULT_SERVE_STALE_FOR: Duration = Duration::from_millis(500);
+pub const DEFAULT_SERVE_STALE_FOR: Duration = Duration::from_millis(250);
 /// How long one `CheckModule` call may take (connecting included).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Lifetime of a token billing mints for itself.
@@ -105,8 +107,8 @@ impl SettingsOptions {
             }
             return Ok(None);
         };
-        let millis = |name: &str, default: Duration, range: std::ops::RangeInclusive<u64>| {
-            match get(name) {
+        let millis =
+            |name: &str, default: Duration, range: std::ops::RangeInclusive<u64>| match get(name) {
                 None => Ok(default),
                 Some(v) => match v.trim().parse::<u64>() {
                     Ok(ms) if range.contains(&ms) => Ok(Duration::from_millis(ms)),
@@ -116,13 +118,16 @@ impl SettingsOptions {
                         range.end()
                     )),
                 },
-            }
-        };
+            };
         let options = Self {
             url: url.trim().to_owned(),
             token_file: get("IGNY8_SETTINGS_TOKEN_FILE").map(PathBuf::from),
             refresh_after: millis("IGNY8_SETTINGS_CACHE_MS", DEFAULT_REFRESH_AFTER, 1..=1000)?,
-            serve_stale_for: millis("IGNY8_SETTINGS_STALE_MS", DEFAULT_SERVE_STALE_FOR, 0..=600_000)?,
+            serve_stale_for: millis(
+                "IGNY8_SETTINGS_STALE_MS",
+                DEFAULT_SERVE_STALE_FOR,
+                0..=600_000,
+            )?,
             timeout: millis("IGNY8_SETTINGS_TIMEOUT_MS", DEFAULT_TIMEOUT, 10..=60_000)?,
         };
         options.endpoint()?;
@@ -242,10 +247,12 @@ impl ModuleGate {
                 MINTED_TOKEN_RENEW_BEFORE,
             )),
             (None, _) => {
-                return Err("IGNY8_SETTINGS_URL is set but billing has no token for settings-svc: \
+                return Err(
+                    "IGNY8_SETTINGS_URL is set but billing has no token for settings-svc: \
                      set IGNY8_SETTINGS_TOKEN_FILE to a file holding a service token \
                      (billing verifies with a public key, so it cannot mint one)"
-                    .to_owned());
+                        .to_owned(),
+                );
             }
         };
         let channel = options.endpoint()?.connect_lazy();
@@ -309,7 +316,12 @@ impl ModuleGate {
     }
 
     /// Whether `module` is enabled for `account`.
-    async fn enabled(&self, account: i64, module: Module, name: &str) -> Result<bool, BillingError> {
+    async fn enabled(
+        &self,
+        account: i64,
+        module: Module,
+        name: &str,
+    ) -> Result<bool, BillingError> {
         let inner = &self.inner;
         let key = (account, module as i32);
         let invalidated = || inner.invalidated.get(&account);
@@ -372,7 +384,8 @@ impl ModuleGate {
         let interceptor = BearerInterceptor::new(token)
             .map_err(|_| fail("the service token is not valid ASCII".to_owned()))?
             .act_as(account);
-        let mut client = SettingsServiceClient::with_interceptor(inner.channel.clone(), interceptor);
+        let mut client =
+            SettingsServiceClient::with_interceptor(inner.channel.clone(), interceptor);
         let asked_at = Instant::now();
         let call = client.check_module(CheckModuleRequest {
             module: module as i32,

@@ -170,13 +170,29 @@ impl Billing {
     }
 
     /// SPEC §3.5: a usage charge (not raw credits) of a disabled module is
-    /// refused. Called after every other validation, before any write.
-    async fn check_module(&self, account: i64, priced: &Priced) -> Result<(), BillingError> {
-        match &self.modules {
-            Some(gate) if !priced.operation.is_empty() => {
-                gate.check(account, &priced.operation).await
+    /// refused. Called after every other validation, before any write. A
+    /// retry of a request already recorded under `key` goes on to the
+    /// writer, which replays it: a module switched off later does not turn
+    /// "you were charged" into an error.
+    async fn check_module(
+        &self,
+        account: i64,
+        priced: &Priced,
+        hold: bool,
+        key: &str,
+    ) -> Result<(), BillingError> {
+        let Some(gate) = &self.modules else {
+            return Ok(());
+        };
+        if priced.operation.is_empty() {
+            return Ok(());
+        }
+        match gate.check(account, &priced.operation).await {
+            Err(refused) if self.ledger.key_used(account, hold, key).await? => {
+                tracing::debug!(account, %refused, "a retry of a recorded request: replaying");
+                Ok(())
             }
-            _ => Ok(()),
+            other => other,
         }
     }
 
@@ -477,7 +493,8 @@ impl BillingService for Billing {
         let priced = self.price(r.cost.map(CostSpec::from), "usage.")?;
         check_text("description", &r.description, false)?;
         let metadata = check_metadata(r.metadata)?;
-        self.check_module(account, &priced).await?;
+        self.check_module(account, &priced, false, &r.idempotency_key)
+            .await?;
         let request_hash = Fingerprint {
             kind: "deduct",
             credits: priced.operation.is_empty().then_some(priced.credits),
@@ -625,7 +642,8 @@ impl BillingService for Billing {
         let ttl = check_ttl(r.ttl)?;
         check_text("description", &r.description, false)?;
         let metadata = check_metadata(r.metadata)?;
-        self.check_module(account, &priced).await?;
+        self.check_module(account, &priced, true, &r.idempotency_key)
+            .await?;
         let request_hash = Fingerprint {
             kind: "reserve",
             credits: priced.operation.is_empty().then_some(priced.credits),
