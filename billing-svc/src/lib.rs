@@ -136,6 +136,11 @@ pub async fn build_with(
         &key_material,
     )
     .with_modules(gate);
+    billing
+        .ledger()
+        .writer()
+        .metrics()
+        .register(server.metrics_registry());
     let deducts = metrics::DeductMetrics::default();
     deducts.register(server.metrics_registry());
     let service = BillingServiceServer::new(metrics::Metered::new(billing, deducts));
