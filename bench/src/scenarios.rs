@@ -288,7 +288,10 @@ const MODULES_EDITORS: i64 = 3_000_000;
 /// Seeds the modules account (balance [`HOT_CREDITS`]) with one editor per
 /// caller.
 pub async fn seed_modules(db: &TestDb, callers: usize) {
-    db.account(MODULES_ACCOUNT).credits(HOT_CREDITS).create().await;
+    db.account(MODULES_ACCOUNT)
+        .credits(HOT_CREDITS)
+        .create()
+        .await;
     stream::iter(0..callers as i64)
         .for_each_concurrent(DB_PARALLELISM, |i| async move {
             db.user(MODULES_EDITORS + i)
