@@ -573,7 +573,7 @@ async fn start_up_refuses_unusable_settings_configuration() {
     let err = billing_svc::build_with(config, billing_svc::CostTable::builtin(), options)
         .await
         .err()
-        .expect("refused");
+        .unwrap_or_else(|| panic!("refused"));
     assert!(
         err.to_string().contains("IGNY8_SETTINGS_TOKEN_FILE"),
         "{err}"
@@ -593,7 +593,7 @@ async fn start_up_refuses_unusable_settings_configuration() {
     )
     .await
     .err()
-    .expect("refused");
+    .unwrap_or_else(|| panic!("refused"));
     assert!(
         err.to_string().contains("/nonexistent/settings-token"),
         "{err}"
@@ -614,7 +614,7 @@ async fn start_up_refuses_unusable_settings_configuration() {
     let err = billing_svc::build_with(test_config(&db.url), table, options)
         .await
         .err()
-        .expect("refused");
+        .unwrap_or_else(|| panic!("refused"));
     assert!(err.to_string().contains("translator"), "{err}");
 }
 
