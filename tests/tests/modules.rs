@@ -660,3 +660,48 @@ async fn the_binary_warns_without_settings_and_refuses_a_bad_url() {
         "{err}"
     );
 }
+
+/// `ModuleGate::invalidate` (the hook for settings change notifications)
+/// makes the next check ask settings at once, instead of serving the cached
+/// answer for up to 250 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_drops_an_accounts_cached_answers_at_once() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    seed(&db, 100).await;
+    let settings = spawn_settings(&db).await;
+    let options = SettingsOptions {
+        // Long enough that only invalidation can explain a fresh answer.
+        refresh_after: Duration::from_secs(1),
+        ..SettingsOptions::new(settings.endpoint())
+    };
+    let gate = billing_svc::modules::ModuleGate::new(
+        &options,
+        &test_config(&db.url).jwt,
+        std::sync::Arc::new(billing_svc::CostTable::builtin()),
+    )
+    .unwrap();
+    gate.check(A1, "content_generation")
+        .await
+        .expect("writer on");
+    gate.check(A2, "content_generation")
+        .await
+        .expect("writer on");
+    // Settings writes its own cache through, so the replica that took the
+    // update answers the new value at once.
+    set_module(&settings, A1, "writer_enabled", false).await;
+    set_module(&settings, A2, "writer_enabled", false).await;
+    let started = Instant::now();
+    gate.invalidate(A1).await;
+    let e = Status::from(gate.check(A1, "content_generation").await.unwrap_err());
+    assert_module_disabled(&e, "writer", "content_generation");
+    // Account 2 was not invalidated: its cached answer stands while fresh.
+    if started.elapsed() < Duration::from_millis(900) {
+        gate.check(A2, "content_generation")
+            .await
+            .expect("still the cached answer");
+    }
+    // An operation the table does not know was refused by pricing already.
+    gate.check(A1, "no_such_operation")
+        .await
+        .expect("unknown operations are the pricer's business");
+}
