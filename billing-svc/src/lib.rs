@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod modules;
 pub mod page_token;
 pub mod service;
+pub mod watch;
 pub mod writer;
 
 /// The PostgreSQL `NOTIFY` channel of balance changes: one notification per
@@ -25,7 +26,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use auth_interceptor::KeyConfig;
 use igny8_proto::billing::v1::billing_service_server::BillingServiceServer;
-use service_kit::{Defaults, Server, ServiceConfig, StartError};
+use service_kit::{ChangeHub, Defaults, Server, ServiceConfig, StartError};
 
 pub use costs::CostTable;
 pub use service::Billing;
@@ -127,6 +128,8 @@ pub async fn build_with(
         }
     };
     let mut server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
+    let streams = server.streams();
+    let changes = ChangeHub::start(server.db(), BALANCE_CHANNEL, streams.drain.clone());
     let billing = Billing::new(
         table,
         match options.ledger {
@@ -135,6 +138,7 @@ pub async fn build_with(
         },
         &key_material,
     )
+    .with_streams(changes, streams)
     .with_modules(gate);
     billing
         .ledger()

@@ -6,6 +6,7 @@
 //!   endpoint, and SIGTERM drain;
 //! - [`telemetry`]: logs (text or JSON) and OpenTelemetry trace export with
 //!   W3C trace-context propagation;
+//! - [`tls`]: gRPC server TLS and mTLS, certificates re-read on change;
 //! - [`main_helper`]: the `main` both binaries share.
 //!
 //! A service supplies its tonic service and its name; [`server::Server`]
@@ -14,14 +15,19 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod changes;
 pub mod config;
 pub mod main_helper;
 mod metrics;
 mod rpc;
 pub mod server;
+pub mod streams;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::App;
+pub use changes::{Change, ChangeHub, Subscription};
 pub use config::{ConfigError, Defaults, ServiceConfig};
-pub use server::{GrpcService, LIVENESS_SERVICE, Server, StartError, shutdown_signal};
+pub use server::{Drain, GrpcService, LIVENESS_SERVICE, Server, StartError, shutdown_signal};
+pub use streams::StreamEnv;
 pub use telemetry::Telemetry;
