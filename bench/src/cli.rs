@@ -42,7 +42,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "baseline,deduct-hot,deduct-spread,cost,check-module"
+        default_value = "baseline,deduct-hot,deduct-spread,cost,check-module,deduct-module"
     )]
     pub scenarios: Vec<Scenario>,
 
@@ -110,6 +110,9 @@ pub enum Scenario {
     Cost,
     /// `CheckModule` on settings-svc, auth included.
     CheckModule,
+    /// `deduct-hot` priced by usage on a billing server with module checks
+    /// on (asking settings-svc); compare with `deduct-hot`.
+    DeductModule,
 }
 
 impl Scenario {
@@ -121,6 +124,7 @@ impl Scenario {
             Scenario::DeductSpread => "deduct-spread",
             Scenario::Cost => "cost",
             Scenario::CheckModule => "check-module",
+            Scenario::DeductModule => "deduct-module",
         }
     }
 
@@ -128,7 +132,7 @@ impl Scenario {
     pub fn rpc(self) -> &'static str {
         match self {
             Scenario::Baseline => "grpc.health.v1.Health/Check",
-            Scenario::DeductHot | Scenario::DeductSpread => {
+            Scenario::DeductHot | Scenario::DeductSpread | Scenario::DeductModule => {
                 "igny8.billing.v1.BillingService/Deduct"
             }
             Scenario::Cost => "igny8.billing.v1.BillingService/GetCreditCost",
@@ -198,6 +202,7 @@ mod tests {
                 Scenario::DeductSpread,
                 Scenario::Cost,
                 Scenario::CheckModule,
+                Scenario::DeductModule,
             ]
         );
         assert_eq!(args.backend, BackendArg::Postgres);

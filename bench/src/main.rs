@@ -22,7 +22,10 @@ mod scenarios;
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use igny8_tests::{Running, TestDb, spawn_billing_with, spawn_settings_with, test_config};
+use igny8_tests::{
+    Running, TestDb, spawn_billing_with, spawn_billing_with_options, spawn_settings_with,
+    test_config,
+};
 
 use crate::{
     baseline::Baseline,
@@ -30,9 +33,9 @@ use crate::{
     driver::{Plan, drive},
     report::{Report, ScenarioReport},
     scenarios::{
-        HOT_ACCOUNT, HOT_CREDITS, SPREAD_CREDITS, baseline_callers, check_module_callers, connect,
-        cost_callers, deduct_hot_callers, deduct_spread_callers, seed_hot, seed_spread,
-        spread_accounts, verify,
+        HOT_ACCOUNT, HOT_CREDITS, MODULES_ACCOUNT, SPREAD_CREDITS, baseline_callers,
+        check_module_callers, connect, cost_callers, deduct_hot_callers, deduct_module_callers,
+        deduct_spread_callers, seed_hot, seed_modules, seed_spread, spread_accounts, verify,
     },
 };
 
@@ -104,13 +107,17 @@ async fn run(args: &Args) -> Result<Report, String> {
     let needs_spread = wants(Scenario::DeductSpread);
     let needs_billing =
         wants(Scenario::DeductHot) || wants(Scenario::DeductSpread) || wants(Scenario::Cost);
-    let needs_settings = wants(Scenario::CheckModule);
+    let needs_modules = wants(Scenario::DeductModule);
+    let needs_settings = wants(Scenario::CheckModule) || needs_modules;
 
     let db = if needs_billing || needs_settings {
         progress(format!("creating a fresh {} database", args.backend.name()));
         let db = TestDb::new(args.backend.harness()).await;
         if needs_hot {
             seed_hot(&db, callers).await;
+        }
+        if needs_modules {
+            seed_modules(&db, callers).await;
         }
         if needs_spread {
             progress(format!(
@@ -135,6 +142,22 @@ async fn run(args: &Args) -> Result<Report, String> {
     };
     let settings = match &db {
         Some(db) if needs_settings => Some(spawn_settings_with(config(&db.url)).await),
+        _ => None,
+    };
+    // A second billing server with module checks on, asking `settings`.
+    let billing_modules = match (&db, &settings) {
+        (Some(db), Some(settings)) if needs_modules => Some(
+            spawn_billing_with_options(
+                test_config(&db.url),
+                billing_svc::BillingOptions {
+                    settings: Some(billing_svc::modules::SettingsOptions::new(
+                        settings.endpoint(),
+                    )),
+                    ..Default::default()
+                },
+            )
+            .await,
+        ),
         _ => None,
     };
     let baseline = if wants(Scenario::Baseline) {
@@ -184,6 +207,13 @@ async fn run(args: &Args) -> Result<Report, String> {
                 let m = drive(check_module_callers(&channels, callers, per), 0, plan).await;
                 ScenarioReport::new(scenario.name(), scenario.rpc(), m, None)
             }
+            Scenario::DeductModule => {
+                let channels = connect(addr_of(&billing_modules), connections).await?;
+                let m = drive(deduct_module_callers(&channels, callers, per), 1, plan).await;
+                let db = db.as_ref().expect("created above");
+                let v = verify(db, &[MODULES_ACCOUNT], HOT_CREDITS, &m.charged).await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), m, Some(v))
+            }
         };
         progress(format!(
             "{}: {:.1} req/s, {} ok, {} errors{}",
@@ -202,8 +232,10 @@ async fn run(args: &Args) -> Result<Report, String> {
         reports.push(report);
     }
 
+    report_module_check_cost(&reports);
+
     // Stop the servers before the database goes away with `db`.
-    for server in [billing, settings].into_iter().flatten() {
+    for server in [billing, billing_modules, settings].into_iter().flatten() {
         stop(server).await;
     }
     if let Some(baseline) = baseline
@@ -221,6 +253,25 @@ async fn run(args: &Args) -> Result<Report, String> {
         args.duration,
         reports,
     ))
+}
+
+/// What module checks cost: `deduct-module` (usage, module checks on)
+/// over `deduct-hot` (raw credits, none), when both ran.
+fn report_module_check_cost(reports: &[ScenarioReport]) {
+    let rate = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.requests_per_sec)
+    };
+    if let (Some(modules), Some(plain)) = (rate("deduct-module"), rate("deduct-hot"))
+        && plain > 0.0
+    {
+        progress(format!(
+            "deduct-module / deduct-hot = {:.2} (usage Deduct with module checks vs plain Deduct)",
+            modules / plain
+        ));
+    }
 }
 
 fn addr_of(server: &Option<Running>) -> std::net::SocketAddr {

@@ -226,9 +226,17 @@ impl DeductCaller {
 
 impl Caller for DeductCaller {
     async fn call(&mut self) -> Outcome {
+        self.deduct(deduct_request::Cost::Credits(1), "").await
+    }
+}
+
+impl DeductCaller {
+    /// One `Deduct` of `cost` (which must price at 1 credit) under a fresh
+    /// key; `operation` is the canonical operation the row must name.
+    async fn deduct(&mut self, cost: deduct_request::Cost, operation: &str) -> Outcome {
         self.seq += 1;
         let request = DeductRequest {
-            cost: Some(deduct_request::Cost::Credits(1)),
+            cost: Some(cost),
             idempotency_key: format!("{}{}", self.key_prefix, self.seq),
             description: "igny8-bench".to_owned(),
             ..Default::default()
@@ -255,6 +263,10 @@ impl Caller for DeductCaller {
             Some(t) if t.credits != -1 => {
                 Outcome::invalid(format!("ledger delta {} instead of -1", t.credits))
             }
+            Some(t) if t.operation != operation => Outcome::invalid(format!(
+                "ledger operation {:?} instead of {operation:?}",
+                t.operation
+            )),
             Some(t) if t.balance_after != response.balance || response.balance < 0 => {
                 Outcome::invalid(format!(
                     "balance {} / balance_after {}",
@@ -264,6 +276,70 @@ impl Caller for DeductCaller {
             Some(_) => Outcome::ok(),
         };
         outcome.charged(index)
+    }
+}
+
+/// The account `deduct-module` charges: its own, so that its balance is
+/// verified independently of `deduct-hot`.
+pub const MODULES_ACCOUNT: i64 = 2;
+/// Editor `i` of the modules account has user id `MODULES_EDITORS + i`.
+const MODULES_EDITORS: i64 = 3_000_000;
+
+/// Seeds the modules account (balance [`HOT_CREDITS`]) with one editor per
+/// caller.
+pub async fn seed_modules(db: &TestDb, callers: usize) {
+    db.account(MODULES_ACCOUNT)
+        .credits(HOT_CREDITS)
+        .create()
+        .await;
+    stream::iter(0..callers as i64)
+        .for_each_concurrent(DB_PARALLELISM, |i| async move {
+            db.user(MODULES_EDITORS + i)
+                .account(MODULES_ACCOUNT)
+                .role("editor")
+                .create()
+                .await
+        })
+        .await;
+}
+
+/// `deduct-module`: `deduct-hot` priced by usage — `content_generation`
+/// of 100 words, 1 credit — on a billing server that asks settings-svc
+/// whether the writer module is on before charging (SPEC §3.5). Compared
+/// with `deduct-hot` (raw credits, no module check), it shows what module
+/// checks cost.
+pub struct ModuleDeductCaller(DeductCaller);
+
+/// `deduct-module` callers: caller `i` is editor `i` of the modules account.
+pub fn deduct_module_callers(
+    channels: &[Channel],
+    callers: usize,
+    per: usize,
+) -> Vec<ModuleDeductCaller> {
+    (0..callers)
+        .map(|i| {
+            ModuleDeductCaller(DeductCaller {
+                channel: channel_for(channels, i, per),
+                targets: Arc::new([Target {
+                    index: 0,
+                    account: MODULES_ACCOUNT,
+                    auth: bearer(MODULES_EDITORS + i as i64, MODULES_ACCOUNT),
+                }]),
+                rng: seed(i),
+                key_prefix: format!("bench-modules-{i}-"),
+                seq: 0,
+            })
+        })
+        .collect()
+}
+
+impl Caller for ModuleDeductCaller {
+    async fn call(&mut self) -> Outcome {
+        let usage = deduct_request::Cost::Usage(igny8_proto::billing::v1::Usage {
+            operation: "content_generation".to_owned(),
+            quantity: 100,
+        });
+        self.0.deduct(usage, "content_generation").await
     }
 }
 

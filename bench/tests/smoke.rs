@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const ALL: &str = "baseline,deduct-hot,deduct-spread,cost,check-module";
+const ALL: &str = "baseline,deduct-hot,deduct-spread,cost,check-module,deduct-module";
 
 /// Runs the binary briefly with `--json` and parses what it printed.
 fn bench(backend: &str, scenarios: &str) -> Value {
@@ -64,7 +64,7 @@ fn assert_scenario_sound(s: &Value) {
     if name.starts_with("deduct-") {
         let v = &s["verification"];
         assert_eq!(v["passed"], true, "{name}: {v:#}");
-        let accounts = if name == "deduct-hot" { 1 } else { 1000 };
+        let accounts = if name == "deduct-spread" { 1000 } else { 1 };
         assert_eq!(v["accounts"], accounts, "{v:#}");
         // Every measured success was a deduct the server acknowledged.
         assert!(
@@ -133,6 +133,10 @@ macro_rules! each_scenario {
             #[test]
             fn check_module() {
                 super::scenario_alone(stringify!($backend), "check-module");
+            }
+            #[test]
+            fn deduct_module() {
+                super::scenario_alone(stringify!($backend), "deduct-module");
             }
         }
     };

@@ -95,6 +95,27 @@ pub enum BillingError {
         /// Credits to add.
         credits: i64,
     },
+    /// The operation's module is switched off for the account (SPEC §3.5);
+    /// nothing changed.
+    #[error(
+        "module {module} is disabled for this account, so {operation} cannot be charged; \
+         an admin can enable it with SettingsService.UpdateModuleSettings"
+    )]
+    ModuleDisabled {
+        /// The cost table's module name, e.g. `writer`.
+        module: String,
+        /// The canonical operation.
+        operation: String,
+    },
+    /// settings-svc could not say whether the module is enabled and no
+    /// recent answer is cached; nothing changed (fail closed).
+    #[error(
+        "cannot check whether module {module} is enabled: settings-svc is unavailable; nothing changed, retry later"
+    )]
+    SettingsUnavailable {
+        /// The cost table's module name.
+        module: String,
+    },
     /// The ledger writer is saturated (its queue, or this account's share of
     /// it, is full); nothing changed. Retry with backoff.
     #[error("the ledger is busy: {0}; nothing changed, retry with the same idempotency key")]
@@ -144,9 +165,12 @@ impl BillingError {
             | BillingError::CaptureExceedsHold { .. }
             | BillingError::RefundExceedsCharge { .. }
             | BillingError::NotRefundable { .. }
-            | BillingError::BalanceOverflow { .. } => Code::FailedPrecondition,
+            | BillingError::BalanceOverflow { .. }
+            | BillingError::ModuleDisabled { .. } => Code::FailedPrecondition,
             BillingError::Overloaded(_) => Code::ResourceExhausted,
-            BillingError::Unavailable(_) | BillingError::WriteFailed => Code::Unavailable,
+            BillingError::Unavailable(_)
+            | BillingError::WriteFailed
+            | BillingError::SettingsUnavailable { .. } => Code::Unavailable,
             BillingError::Database(_) => Code::Internal,
         }
     }
@@ -236,6 +260,19 @@ impl From<BillingError> for Status {
                 "NOT_REFUNDABLE",
                 ERROR_DOMAIN,
                 HashMap::from([("kind".to_owned(), kind.clone())]),
+            ),
+            BillingError::ModuleDisabled { module, operation } => ErrorDetails::with_error_info(
+                "MODULE_DISABLED",
+                ERROR_DOMAIN,
+                HashMap::from([
+                    ("module".to_owned(), module.clone()),
+                    ("operation".to_owned(), operation.clone()),
+                ]),
+            ),
+            BillingError::SettingsUnavailable { module } => ErrorDetails::with_error_info(
+                "SETTINGS_UNAVAILABLE",
+                ERROR_DOMAIN,
+                HashMap::from([("module".to_owned(), module.clone())]),
             ),
             BillingError::Overloaded(what) => ErrorDetails::with_error_info(
                 "LEDGER_OVERLOADED",

@@ -354,6 +354,25 @@ impl Ledger {
         found.ok_or_else(|| BillingError::HoldNotFound(id.to_owned()))
     }
 
+    /// Whether the account already used `key` for a deduct (`hold = false`)
+    /// or a reserve (`hold = true`): such a request is a retry, answered by
+    /// the writer (replayed, or refused as a key reuse) even when a new one
+    /// would be refused before reaching it (a module switched off since).
+    #[tracing::instrument(name = "ledger.key_used", skip(self, key), err(level = "debug"))]
+    pub async fn key_used(
+        &self,
+        account: i64,
+        hold: bool,
+        key: &str,
+    ) -> Result<bool, BillingError> {
+        let found: Option<i64> = if hold {
+            on_pool!(&self.db, pool => sqlx::query_scalar("SELECT account_id FROM credit_holds WHERE account_id = $1 AND idempotency_key = $2").bind(account).bind(key).fetch_optional(pool).await)?
+        } else {
+            on_pool!(&self.db, pool => sqlx::query_scalar("SELECT account_id FROM credit_ledger WHERE account_id = $1 AND kind = 'deduct' AND idempotency_key = $2").bind(account).bind(key).fetch_optional(pool).await)?
+        };
+        Ok(found.is_some())
+    }
+
     /// Up to `limit` rows older than `before_id` (or the newest when
     /// `None`), newest first.
     #[tracing::instrument(name = "ledger.page", skip(self), err(level = "debug"))]

@@ -12,6 +12,7 @@ pub mod costs;
 pub mod error;
 pub mod ledger;
 pub mod metrics;
+pub mod modules;
 pub mod page_token;
 pub mod service;
 pub mod watch;
@@ -21,7 +22,7 @@ pub mod writer;
 /// changed account and committed batch, the account id as payload.
 pub const BALANCE_CHANNEL: &str = "igny8_balance";
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use auth_interceptor::KeyConfig;
 use igny8_proto::billing::v1::billing_service_server::BillingServiceServer;
@@ -43,7 +44,14 @@ pub const EXTRA_HELP: &str = "  IGNY8_COST_TABLE_FILE         replace the built-
   IGNY8_LEDGER_MAX_BATCH        most balance changes applied in one transaction (default 128)
   IGNY8_LEDGER_SHARDS           ledger writer tasks, one connection each (default 4 PostgreSQL, 1 SQLite)
   IGNY8_LEDGER_QUEUE            requests waiting per writer before RESOURCE_EXHAUSTED (default 4096)
-  IGNY8_LEDGER_ACCOUNT_SHARE    requests one account may have waiting per writer (default 1024)";
+  IGNY8_LEDGER_ACCOUNT_SHARE    requests one account may have waiting per writer (default 1024)
+  IGNY8_SETTINGS_URL            settings-svc, http://host:port: usage Deduct/Reserve are refused
+                                while the operation's module is off (unset: module checks off)
+  IGNY8_SETTINGS_TOKEN_FILE     billing's service token for settings, re-read when the file
+                                changes (unset: minted with IGNY8_JWT_SECRET, sub billing-svc)
+  IGNY8_SETTINGS_CACHE_MS       module answers are re-asked after this, ≤ 1000 (default 250)
+  IGNY8_SETTINGS_STALE_MS       and served this much longer while settings is down (default 250)
+  IGNY8_SETTINGS_TIMEOUT_MS     bound on one settings call (default 1000)";
 
 /// Billing-only options, beyond [`ServiceConfig`].
 #[derive(Debug, Clone, Default)]
@@ -51,15 +59,21 @@ pub struct BillingOptions {
     /// The ledger writer's batching and bounds; `None` = the defaults for
     /// the configured backend.
     pub ledger: Option<writer::WriterConfig>,
+    /// Where settings-svc is, for module-aware charging; `None` = module
+    /// checks off (start-up warns).
+    pub settings: Option<modules::SettingsOptions>,
 }
 
 impl BillingOptions {
-    /// Reads the `IGNY8_LEDGER_*` variables for a service on `database_url`.
+    /// Reads the `IGNY8_LEDGER_*` and `IGNY8_SETTINGS_*` variables for a
+    /// service on `database_url`.
     pub fn from_env(database_url: &str) -> Result<Self, String> {
         let backend = igny8_db::Backend::of_url(database_url).map_err(|e| e.to_string())?;
         let ledger = writer::WriterConfig::from_lookup(backend, |name| std::env::var(name).ok())?;
+        let settings = modules::SettingsOptions::from_lookup(|name| std::env::var(name).ok())?;
         Ok(Self {
             ledger: Some(ledger),
+            settings,
         })
     }
 }
@@ -108,18 +122,41 @@ pub async fn build_with(
     options: BillingOptions,
 ) -> Result<App, StartError> {
     let key_material = page_token_key(&config);
+    let table = Arc::new(table);
+    let gate = match &options.settings {
+        Some(settings) => {
+            let gate = modules::ModuleGate::new(settings, &config.jwt, table.clone())
+                .map_err(StartError::Config)?;
+            if settings.refresh_after + settings.serve_stale_for > Duration::from_millis(500) {
+                tracing::warn!(
+                    "IGNY8_SETTINGS_CACHE_MS + IGNY8_SETTINGS_STALE_MS exceed 500 ms: with settings' \
+                     own 500 ms cache, a module switched off may be charged for over 1 s"
+                );
+            }
+            tracing::info!(settings = %settings.url, "module checks on");
+            Some(gate)
+        }
+        None => {
+            tracing::warn!(
+                "IGNY8_SETTINGS_URL is not set: module checks are off, so Deduct and Reserve \
+                 charge for operations of disabled modules too"
+            );
+            None
+        }
+    };
     let mut server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
     let streams = server.streams();
     let changes = ChangeHub::start(server.db(), BALANCE_CHANNEL, streams.drain.clone());
     let billing = Billing::new(
-        Arc::new(table),
+        table,
         match options.ledger {
             Some(ledger) => ledger::Ledger::with_config(server.db().clone(), ledger),
             None => ledger::Ledger::new(server.db().clone()),
         },
         &key_material,
     )
-    .with_streams(changes, streams);
+    .with_streams(changes, streams)
+    .with_modules(gate);
     billing
         .ledger()
         .writer()

@@ -13,6 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tonic::{Code, Request, Response, Status};
+use tonic_types::StatusExt;
 
 /// How a `Deduct` call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub enum DeductOutcome {
     KeyReused,
     /// The request was malformed (`INVALID_ARGUMENT`).
     Invalid,
+    /// The operation's module is disabled for the account (`MODULE_DISABLED`).
+    ModuleDisabled,
     /// Anything else: database trouble, a missing account.
     Error,
 }
@@ -40,6 +43,7 @@ impl DeductOutcome {
             DeductOutcome::Insufficient => "insufficient",
             DeductOutcome::KeyReused => "key_reused",
             DeductOutcome::Invalid => "invalid",
+            DeductOutcome::ModuleDisabled => "module_disabled",
             DeductOutcome::Error => "error",
         }
     }
@@ -51,6 +55,13 @@ impl DeductOutcome {
             Ok(response) if response.get_ref().replayed => DeductOutcome::Replayed,
             Ok(_) => DeductOutcome::Ok,
             Err(status) => match status.code() {
+                Code::FailedPrecondition
+                    if status
+                        .get_details_error_info()
+                        .is_some_and(|i| i.reason == "MODULE_DISABLED") =>
+                {
+                    DeductOutcome::ModuleDisabled
+                }
                 Code::FailedPrecondition => DeductOutcome::Insufficient,
                 Code::AlreadyExists => DeductOutcome::KeyReused,
                 Code::InvalidArgument => DeductOutcome::Invalid,
@@ -76,7 +87,7 @@ impl DeductMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "igny8_ledger_deduct_outcomes",
-            "Deduct calls by outcome (ok, replayed, insufficient, key_reused, invalid, error)",
+            "Deduct calls by outcome (ok, replayed, insufficient, key_reused, invalid, module_disabled, error)",
             self.outcomes.clone(),
         );
     }

@@ -66,6 +66,7 @@ pub struct Billing {
     /// Balance changes of this process (and, on PostgreSQL, every replica).
     changes: ChangeHub,
     streams: StreamEnv,
+    modules: Option<crate::modules::ModuleGate>,
 }
 
 /// A cost as asked for: by usage or as raw credits.
@@ -173,6 +174,41 @@ impl Billing {
             tokens: PageTokens::new(page_token_key),
             changes,
             streams: StreamEnv::detached(),
+            modules: None,
+        }
+    }
+
+    /// Refuses usage charges of disabled modules, asking `gate`; `None` =
+    /// module checks off.
+    pub fn with_modules(mut self, gate: Option<crate::modules::ModuleGate>) -> Self {
+        self.modules = gate;
+        self
+    }
+
+    /// SPEC §3.5: a usage charge (not raw credits) of a disabled module is
+    /// refused. Called after every other validation, before any write. A
+    /// retry of a request already recorded under `key` goes on to the
+    /// writer, which replays it: a module switched off later does not turn
+    /// "you were charged" into an error.
+    async fn check_module(
+        &self,
+        account: i64,
+        priced: &Priced,
+        hold: bool,
+        key: &str,
+    ) -> Result<(), BillingError> {
+        let Some(gate) = &self.modules else {
+            return Ok(());
+        };
+        if priced.operation.is_empty() {
+            return Ok(());
+        }
+        match gate.check(account, &priced.operation).await {
+            Err(refused) if self.ledger.key_used(account, hold, key).await? => {
+                tracing::debug!(account, %refused, "a retry of a recorded request: replaying");
+                Ok(())
+            }
+            other => other,
         }
     }
 
@@ -522,6 +558,8 @@ impl BillingService for Billing {
         let priced = self.price(r.cost.map(CostSpec::from), "usage.")?;
         check_text("description", &r.description, false)?;
         let metadata = check_metadata(r.metadata)?;
+        self.check_module(account, &priced, false, &r.idempotency_key)
+            .await?;
         let request_hash = Fingerprint {
             kind: "deduct",
             credits: priced.operation.is_empty().then_some(priced.credits),
@@ -670,6 +708,8 @@ impl BillingService for Billing {
         let ttl = check_ttl(r.ttl)?;
         check_text("description", &r.description, false)?;
         let metadata = check_metadata(r.metadata)?;
+        self.check_module(account, &priced, true, &r.idempotency_key)
+            .await?;
         let request_hash = Fingerprint {
             kind: "reserve",
             credits: priced.operation.is_empty().then_some(priced.credits),

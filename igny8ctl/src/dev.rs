@@ -429,14 +429,22 @@ pub async fn run(options: DevOptions) -> Result<(), CtlError> {
         &audience,
     )?;
 
-    let billing = billing_svc::build(billing_config, table)
-        .await
-        .map_err(|e| bind_error("billing", "--billing-addr", e))?;
+    // Settings first: billing checks modules with it (SPEC §3.5), with a
+    // service token it mints from the same development secret.
     let settings = settings_svc::build(settings_config)
         .await
         .map_err(|e| bind_error("settings", "--settings-addr", e))?;
-    let billing_addr = connect_addr(billing.local_addr());
     let settings_addr = connect_addr(settings.local_addr());
+    let billing_options = billing_svc::BillingOptions {
+        settings: Some(billing_svc::modules::SettingsOptions::new(format!(
+            "http://{settings_addr}"
+        ))),
+        ..Default::default()
+    };
+    let billing = billing_svc::build_with(billing_config, table, billing_options)
+        .await
+        .map_err(|e| bind_error("billing", "--billing-addr", e))?;
+    let billing_addr = connect_addr(billing.local_addr());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

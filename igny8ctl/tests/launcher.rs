@@ -8,6 +8,7 @@ use std::{
     io::Read,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use common::{
@@ -252,4 +253,79 @@ fn dev_explains_a_busy_port() {
         "the error names the address and the flag to change it:\n{stderr}"
     );
     drop(taken);
+}
+
+/// `dev` wires billing to its settings (SPEC §3.5): switching the writer
+/// module off with the printed token makes a new usage Deduct fail with
+/// MODULE_DISABLED, while the printed Deduct itself (a recorded key) still
+/// replays.
+#[test]
+fn dev_billing_checks_modules_with_its_settings() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dev = Launcher::start(dir.path(), &[]);
+    let deduct = dev.call("/Deduct");
+    let first = sh_json(&deduct);
+    assert_ne!(field(&first, "replayed"), true, "{first}");
+
+    let check = dev.call("/CheckModule");
+    let off = check
+        .replace(
+            r#"'{"module":"MODULE_WRITER"}'"#,
+            r#"'{"settings":{"writer_enabled":false},"update_mask":{"paths":["writer_enabled"]}}'"#,
+        )
+        .replace("/CheckModule", "/UpdateModuleSettings");
+    assert_ne!(
+        off, check,
+        "the printed CheckModule call has the expected shape"
+    );
+    let updated = sh_json(&off);
+    // grpcurl leaves out fields at their default (false).
+    assert_ne!(
+        field(&updated["settings"], "writer_enabled"),
+        true,
+        "{updated}"
+    );
+    assert_eq!(
+        field(&updated["settings"], "planner_enabled"),
+        true,
+        "{updated}"
+    );
+
+    let grpcurl = igny8_tests::grpcurl();
+    let path = format!(
+        "{}:{}",
+        grpcurl.parent().expect("grpcurl dir").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut attempt = 0;
+    let refused = loop {
+        attempt += 1;
+        let line = deduct.replace(
+            igny8ctl::dev::DEMO_DEDUCT_KEY,
+            &format!("after-writer-off-{attempt}"),
+        );
+        let out = Command::new("sh")
+            .args(["-c", &line])
+            .env("PATH", &path)
+            .output()
+            .expect("run sh");
+        if !out.status.success() {
+            break String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage Deduct still charged 10 s after the writer module was switched off"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        refused.contains("FailedPrecondition") && refused.contains("MODULE_DISABLED"),
+        "{refused}"
+    );
+    // The printed Deduct's key was recorded before: it replays.
+    let replay = sh_json(&deduct);
+    assert_eq!(field(&replay, "replayed"), true, "{replay}");
+    let (status, stderr) = dev.stop("TERM");
+    assert!(status.success(), "{stderr}");
 }

@@ -394,7 +394,7 @@ impl Server {
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(service)
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
             )
         });
         let addr = listener.local_addr().ok();

@@ -143,6 +143,7 @@ async fn full_queue_is_refused_at_once(b: Backend) {
             queue_capacity: 4,
             account_share: 4,
         }),
+        ..Default::default()
     };
     let server = spawn_billing_with_options(config, options).await;
     let blocker = RowBlocker::hold(&db, 1).await;
