@@ -46,6 +46,23 @@ pub struct Args {
     )]
     pub scenarios: Vec<Scenario>,
 
+    /// Open loop: start calls on a fixed schedule of this many per second
+    /// (whatever the responses) instead of back to back, and measure each
+    /// call's latency from its scheduled start.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
+
+    /// For the deduct scenarios: after the closed-loop run, run the scenario
+    /// again open loop at half the rate it just reached, and report that
+    /// row's latency too.
+    #[arg(long, conflicts_with = "rate")]
+    pub open_loop_at_half_peak: bool,
+
+    /// Open loop: the most calls in flight at once. When all are busy, due
+    /// calls wait (and the wait counts in their latency).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_in_flight: u32,
+
     /// Print one JSON document on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -66,6 +83,20 @@ impl Args {
     /// How many HTTP/2 connections the callers are spread over.
     pub fn connections(&self) -> usize {
         self.concurrency.div_ceil(self.callers_per_connection) as usize
+    }
+
+    /// Whether any scenario runs open loop.
+    pub fn open_loop(&self) -> bool {
+        self.rate.is_some() || self.open_loop_at_half_peak
+    }
+
+    /// How many distinct callers (and so editor users) a run needs.
+    pub fn max_callers(&self) -> usize {
+        if self.open_loop() {
+            self.concurrency.max(self.max_in_flight) as usize
+        } else {
+            self.concurrency as usize
+        }
     }
 }
 
@@ -161,6 +192,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
 }
 
+/// A positive, finite number of calls per second.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate <= 1e7 => Ok(rate),
+        _ => Err(format!(
+            "`{text}` is not a rate: give calls per second, e.g. 500 (at most 10000000)"
+        )),
+    }
+}
+
 /// [`parse_duration`], refusing zero.
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     let d = parse_duration(text)?;
@@ -204,6 +245,28 @@ mod tests {
         assert_eq!(args.connections(), 4);
         assert_eq!(args.duration, Duration::from_secs(10));
         assert_eq!(args.warmup, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn open_loop_options() {
+        let args = Args::parse_from(["igny8-bench", "--rate", "1500.5"]);
+        assert_eq!(args.rate, Some(1500.5));
+        assert!(args.open_loop());
+        assert_eq!(args.max_callers(), 256);
+        let args = Args::parse_from(["igny8-bench", "--open-loop-at-half-peak"]);
+        assert!(args.open_loop() && args.rate.is_none());
+        assert!(!Args::parse_from(["igny8-bench"]).open_loop());
+        assert_eq!(Args::parse_from(["igny8-bench"]).max_callers(), 32);
+        for bad in ["0", "-5", "fast", "inf", "NaN"] {
+            assert!(
+                Args::try_parse_from(["igny8-bench", "--rate", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(
+            Args::try_parse_from(["igny8-bench", "--rate", "10", "--open-loop-at-half-peak"])
+                .is_err()
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! ```text
 //! cargo run --release -p igny8-bench -- [--backend postgres|sqlite] [--concurrency 32]
 //!     [--duration 10s] [--warmup 2s] [--scenarios baseline,deduct-hot,...] [--json]
+//!     [--rate N | --open-loop-at-half-peak] [--max-in-flight 256]
 //! ```
 
 mod baseline;
@@ -27,8 +28,8 @@ use igny8_tests::{Running, TestDb, spawn_billing_with, spawn_settings_with, test
 use crate::{
     baseline::Baseline,
     cli::{Args, Scenario},
-    driver::{Plan, drive},
-    report::{Report, ScenarioReport},
+    driver::{Plan, drive, drive_open},
+    report::{Mode, Report, ScenarioReport},
     scenarios::{
         HOT_ACCOUNT, HOT_CREDITS, SPREAD_CREDITS, baseline_callers, check_module_callers, connect,
         cost_callers, deduct_hot_callers, deduct_spread_callers, seed_hot, seed_spread,
@@ -91,8 +92,6 @@ fn install_panic_hook() {
 
 async fn run(args: &Args) -> Result<Report, String> {
     let scenarios = args.scenarios();
-    let callers = args.concurrency as usize;
-    let per = args.callers_per_connection as usize;
     let connections = args.connections();
     let plan = Plan {
         warmup: args.warmup,
@@ -110,7 +109,7 @@ async fn run(args: &Args) -> Result<Report, String> {
         progress(format!("creating a fresh {} database", args.backend.name()));
         let db = TestDb::new(args.backend.harness()).await;
         if needs_hot {
-            seed_hot(&db, callers).await;
+            seed_hot(&db, args.max_callers()).await;
         }
         if needs_spread {
             progress(format!(
@@ -137,63 +136,42 @@ async fn run(args: &Args) -> Result<Report, String> {
         None
     };
 
+    let mut bench = Bench {
+        args,
+        plan,
+        connections,
+        db: db.as_ref(),
+        runs: 0,
+        hot_charged: vec![0; 1],
+        spread_charged: vec![0; scenarios::SPREAD_ACCOUNTS],
+    };
     let mut reports = Vec::with_capacity(scenarios.len());
     for scenario in scenarios.iter().copied() {
-        progress(format!(
-            "{}: {callers} callers on {connections} connection(s), {:?} warm-up + {:?} measured",
-            scenario.name(),
-            plan.warmup,
-            plan.duration
-        ));
-        let report = match scenario {
-            Scenario::Baseline => {
-                let addr = baseline.as_ref().expect("started above").addr;
-                let channels = connect(addr, connections).await?;
-                let m = drive(baseline_callers(&channels, callers, per), 0, plan).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, None)
-            }
-            Scenario::DeductHot => {
-                let channels = connect(addr_of(&billing), connections).await?;
-                let m = drive(deduct_hot_callers(&channels, callers, per), 1, plan).await;
-                let db = db.as_ref().expect("created above");
-                let v = verify(db, &[HOT_ACCOUNT], HOT_CREDITS, &m.charged).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, Some(v))
-            }
-            Scenario::DeductSpread => {
-                let channels = connect(addr_of(&billing), connections).await?;
-                let accounts = spread_accounts();
-                let callers = deduct_spread_callers(&channels, callers, per);
-                let m = drive(callers, accounts.len(), plan).await;
-                let db = db.as_ref().expect("created above");
-                let v = verify(db, &accounts, SPREAD_CREDITS, &m.charged).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, Some(v))
-            }
-            Scenario::Cost => {
-                let channels = connect(addr_of(&billing), connections).await?;
-                let m = drive(cost_callers(&channels, callers, per), 0, plan).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, None)
-            }
-            Scenario::CheckModule => {
-                let channels = connect(addr_of(&settings), connections).await?;
-                let m = drive(check_module_callers(&channels, callers, per), 0, plan).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, None)
-            }
+        let addr = match scenario {
+            Scenario::Baseline => baseline.as_ref().expect("started above").addr,
+            Scenario::DeductHot | Scenario::DeductSpread | Scenario::Cost => addr_of(&billing),
+            Scenario::CheckModule => addr_of(&settings),
         };
-        progress(format!(
-            "{}: {:.1} req/s, {} ok, {} errors{}",
-            report.name,
-            report.requests_per_sec,
-            report.requests,
-            report.error_count,
-            report
-                .verification
-                .as_ref()
-                .map_or(String::new(), |v| format!(
-                    ", verification {}",
-                    if v.passed { "passed" } else { "FAILED" }
-                ))
-        ));
+        let first = match args.rate {
+            Some(rate) => Mode::Open { target_rate: rate },
+            None => Mode::Closed,
+        };
+        let report = bench.measure(scenario, addr, first).await?;
+        let half_peak = (args.open_loop_at_half_peak
+            && matches!(scenario, Scenario::DeductHot | Scenario::DeductSpread))
+        .then_some(report.requests_per_sec / 2.0);
         reports.push(report);
+        match half_peak {
+            Some(rate) if rate > 0.0 => {
+                let open = Mode::Open { target_rate: rate };
+                reports.push(bench.measure(scenario, addr, open).await?);
+            }
+            Some(_) => progress(format!(
+                "{}: no call succeeded, so there is no half-peak rate to run open loop at",
+                scenario.name()
+            )),
+            None => {}
+        }
     }
 
     // Stop the servers before the database goes away with `db`.
@@ -215,6 +193,135 @@ async fn run(args: &Args) -> Result<Report, String> {
         args.duration,
         reports,
     ))
+}
+
+/// What the scenario runs of one invocation share.
+struct Bench<'a> {
+    args: &'a Args,
+    plan: Plan,
+    connections: usize,
+    db: Option<&'a TestDb>,
+    /// Deduct runs so far: each run's idempotency keys are its own.
+    runs: usize,
+    /// Deducts acknowledged so far on the hot account, over every run.
+    hot_charged: Vec<u64>,
+    /// The same per spread account.
+    spread_charged: Vec<u64>,
+}
+
+impl Bench<'_> {
+    /// Runs one scenario against `addr`, closed or open loop, and verifies
+    /// the balances after a deduct scenario (against every deduct
+    /// acknowledged so far on those accounts, earlier runs included).
+    async fn measure(
+        &mut self,
+        scenario: Scenario,
+        addr: std::net::SocketAddr,
+        mode: Mode,
+    ) -> Result<ScenarioReport, String> {
+        let (callers, per) = match mode {
+            Mode::Closed => (
+                self.args.concurrency as usize,
+                self.args.callers_per_connection as usize,
+            ),
+            // The same connections, shared by more (mostly idle) callers.
+            Mode::Open { .. } => {
+                let n = self.args.max_in_flight as usize;
+                (n, n.div_ceil(self.connections))
+            }
+        };
+        progress(match mode {
+            Mode::Closed => format!(
+                "{}: {callers} callers on {} connection(s), {:?} warm-up + {:?} measured",
+                scenario.name(),
+                self.connections,
+                self.plan.warmup,
+                self.plan.duration
+            ),
+            Mode::Open { target_rate } => format!(
+                "{}: open loop at {target_rate:.0} calls/s (at most {callers} in flight) on {} connection(s), {:?} warm-up + {:?} measured",
+                scenario.name(),
+                self.connections,
+                self.plan.warmup,
+                self.plan.duration
+            ),
+        });
+        let channels = connect(addr, self.connections).await?;
+        let run = self.runs;
+        self.runs += 1;
+        let report = match scenario {
+            Scenario::Baseline => {
+                let m = self
+                    .drive(baseline_callers(&channels, callers, per), 0, mode)
+                    .await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+            }
+            Scenario::DeductHot => {
+                let callers = deduct_hot_callers(&channels, callers, per, run);
+                let m = self.drive(callers, 1, mode).await;
+                add(&mut self.hot_charged, &m.charged);
+                let db = self.db.expect("created above");
+                let v = verify(db, &[HOT_ACCOUNT], HOT_CREDITS, &self.hot_charged).await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
+            }
+            Scenario::DeductSpread => {
+                let accounts = spread_accounts();
+                let callers = deduct_spread_callers(&channels, callers, per, run);
+                let m = self.drive(callers, accounts.len(), mode).await;
+                add(&mut self.spread_charged, &m.charged);
+                let db = self.db.expect("created above");
+                let v = verify(db, &accounts, SPREAD_CREDITS, &self.spread_charged).await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
+            }
+            Scenario::Cost => {
+                let m = self
+                    .drive(cost_callers(&channels, callers, per), 0, mode)
+                    .await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+            }
+            Scenario::CheckModule => {
+                let callers = check_module_callers(&channels, callers, per);
+                let m = self.drive(callers, 0, mode).await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+            }
+        };
+        progress(format!(
+            "{}: {:.1} req/s, {} ok, {} errors{}",
+            report.label(),
+            report.requests_per_sec,
+            report.requests,
+            report.error_count,
+            report
+                .verification
+                .as_ref()
+                .map_or(String::new(), |v| format!(
+                    ", verification {}",
+                    if v.passed { "passed" } else { "FAILED" }
+                ))
+        ));
+        Ok(report)
+    }
+
+    async fn drive<C: driver::Caller>(
+        &self,
+        callers: Vec<C>,
+        accounts: usize,
+        mode: Mode,
+    ) -> driver::Measurement {
+        match mode {
+            Mode::Closed => drive(callers, accounts, self.plan).await,
+            Mode::Open { target_rate } => {
+                drive_open(callers, accounts, self.plan, target_rate).await
+            }
+        }
+    }
+}
+
+/// Adds one run's charged counts to the running totals.
+fn add(totals: &mut [u64], run: &[u64]) {
+    for (total, n) in totals.iter_mut().zip(run) {
+        *total += n;
+    }
 }
 
 fn addr_of(server: &Option<Running>) -> std::net::SocketAddr {
