@@ -13,7 +13,8 @@ use tower::{Layer, Service};
 
 use crate::{
     context::AuthContext, directory::Directory, error::AuthError, metrics::AuthMetrics,
-    policy::Policy, resolve::Resolver, secret::BearerToken, verify::TokenVerifier,
+    policy::Policy, resolve::Resolver, secret::BearerToken, token_cache::TOKEN_CACHE_CAPACITY,
+    token_cache::TokenCache, verify::TokenVerifier,
 };
 
 /// Metadata names the layer reads and writes.
@@ -32,7 +33,8 @@ pub mod headers {
 
 /// Verifies, resolves and authorizes one call.
 pub struct Authenticator {
-    verifier: TokenVerifier,
+    /// Verifies tokens, each successful one once until it expires.
+    verifier: TokenCache,
     resolver: Resolver,
     policy: Policy,
     metrics: AuthMetrics,
@@ -54,7 +56,7 @@ impl Authenticator {
         metrics: AuthMetrics,
     ) -> Self {
         Self {
-            verifier,
+            verifier: TokenCache::new(verifier, TOKEN_CACHE_CAPACITY),
             resolver: Resolver::new(directory, metrics.clone()),
             policy: Policy::default(),
             metrics,
@@ -81,7 +83,7 @@ impl Authenticator {
         headers: &HeaderMap,
     ) -> Result<AuthContext, AuthError> {
         let token = bearer(headers)?;
-        let verified = self.verifier.verify(token.expose())?;
+        let verified = self.verifier.verify(token.expose()).await?;
         let rule = self
             .policy
             .rule(path)
