@@ -121,6 +121,45 @@ pub const RULES: &[RpcRule] = &[
         )
     },
     rule(
+        "/igny8.billing.v1.BillingService/Reserve",
+        Scope::Account,
+        Access::Mutate,
+        EDITORS_UP,
+    ),
+    rule(
+        "/igny8.billing.v1.BillingService/CaptureHold",
+        Scope::Account,
+        Access::Mutate,
+        EDITORS_UP,
+    ),
+    rule(
+        "/igny8.billing.v1.BillingService/ReleaseHold",
+        Scope::Account,
+        Access::Mutate,
+        EDITORS_UP,
+    ),
+    rule(
+        "/igny8.billing.v1.BillingService/GetHold",
+        Scope::Account,
+        Access::Read,
+        EVERYONE,
+    ),
+    RpcRule {
+        not_on_own_account: true,
+        ..rule(
+            "/igny8.billing.v1.BillingService/Refund",
+            Scope::Account,
+            Access::Mutate,
+            STAFF,
+        )
+    },
+    rule(
+        "/igny8.billing.v1.BillingService/WatchBalance",
+        Scope::Account,
+        Access::Read,
+        EVERYONE,
+    ),
+    rule(
         "/igny8.settings.v1.SettingsService/GetModuleSettings",
         Scope::Account,
         Access::Read,
@@ -137,6 +176,12 @@ pub const RULES: &[RpcRule] = &[
         Scope::Account,
         Access::Mutate,
         ADMINS_UP,
+    ),
+    rule(
+        "/igny8.settings.v1.SettingsService/WatchModuleSettings",
+        Scope::Account,
+        Access::Read,
+        EVERYONE,
     ),
 ];
 

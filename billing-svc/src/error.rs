@@ -46,6 +46,64 @@ pub enum BillingError {
     /// The account disappeared between authentication and the query.
     #[error("account {0} does not exist")]
     AccountNotFound(i64),
+    /// No hold with this id belongs to the account (unknown ids and other
+    /// accounts' holds are indistinguishable on purpose).
+    #[error("hold {0:?} not found")]
+    HoldNotFound(String),
+    /// No ledger row with this id belongs to the account.
+    #[error("transaction {0} not found")]
+    TransactionNotFound(i64),
+    /// The hold was captured, released or expired, and this action is not a
+    /// repeat of the one that ended it.
+    #[error("hold is not active: it is {state}")]
+    HoldNotActive {
+        /// `HOLD_STATE_CAPTURED`, `HOLD_STATE_RELEASED` or `HOLD_STATE_EXPIRED`.
+        state: &'static str,
+    },
+    /// A capture asked for more than the hold holds; nothing changed.
+    #[error("cannot capture {requested} credits: the hold holds {held}")]
+    CaptureExceedsHold {
+        /// Credits the capture asked for.
+        requested: i64,
+        /// Credits the hold holds.
+        held: i64,
+    },
+    /// The transaction is not a charge (a GRANT or REFUND row): only DEDUCT
+    /// and CAPTURE rows can be refunded.
+    #[error(
+        "transaction {id} is a {kind} row; only DEDUCT and CAPTURE transactions can be refunded"
+    )]
+    NotRefundable {
+        /// The row.
+        id: i64,
+        /// Its kind, upper case.
+        kind: String,
+    },
+    /// A refund asked for more than is left to refund; nothing changed.
+    #[error("cannot refund {requested} credits: {refundable} left to refund on this transaction")]
+    RefundExceedsCharge {
+        /// Credits asked for (0 = everything left).
+        requested: i64,
+        /// Credits still refundable.
+        refundable: i64,
+    },
+    /// The change would take the balance past the largest storable value.
+    #[error("the balance would overflow: {balance} + {credits} does not fit in 64 bits")]
+    BalanceOverflow {
+        /// The balance now.
+        balance: i64,
+        /// Credits to add.
+        credits: i64,
+    },
+    /// The ledger writer is saturated (its queue, or this account's share of
+    /// it, is full); nothing changed. Retry with backoff.
+    #[error("the ledger is busy: {0}; nothing changed, retry with the same idempotency key")]
+    Overloaded(&'static str),
+    /// The batch this request was written in failed and was rolled back.
+    #[error(
+        "the ledger write failed and was rolled back; nothing changed, retry with the same idempotency key"
+    )]
+    WriteFailed,
     /// The database could not be reached.
     #[error("database unavailable; retry later")]
     Unavailable(#[source] sqlx::Error),
@@ -79,8 +137,16 @@ impl BillingError {
             BillingError::InvalidField { .. } | BillingError::Price { .. } => Code::InvalidArgument,
             BillingError::InsufficientCredits { .. } => Code::FailedPrecondition,
             BillingError::IdempotencyKeyReused { .. } => Code::AlreadyExists,
-            BillingError::AccountNotFound(_) => Code::NotFound,
-            BillingError::Unavailable(_) => Code::Unavailable,
+            BillingError::AccountNotFound(_)
+            | BillingError::HoldNotFound(_)
+            | BillingError::TransactionNotFound(_) => Code::NotFound,
+            BillingError::HoldNotActive { .. }
+            | BillingError::CaptureExceedsHold { .. }
+            | BillingError::RefundExceedsCharge { .. }
+            | BillingError::NotRefundable { .. }
+            | BillingError::BalanceOverflow { .. } => Code::FailedPrecondition,
+            BillingError::Overloaded(_) => Code::ResourceExhausted,
+            BillingError::Unavailable(_) | BillingError::WriteFailed => Code::Unavailable,
             BillingError::Database(_) => Code::Internal,
         }
     }
@@ -123,6 +189,56 @@ impl From<BillingError> for Status {
                 ERROR_DOMAIN,
                 HashMap::from([("account_id".to_owned(), id.to_string())]),
             ),
+            BillingError::HoldNotFound(id) => ErrorDetails::with_error_info(
+                "HOLD_NOT_FOUND",
+                ERROR_DOMAIN,
+                HashMap::from([("hold_id".to_owned(), truncate(id, 64))]),
+            ),
+            BillingError::TransactionNotFound(id) => ErrorDetails::with_error_info(
+                "TRANSACTION_NOT_FOUND",
+                ERROR_DOMAIN,
+                HashMap::from([("transaction_id".to_owned(), id.to_string())]),
+            ),
+            BillingError::HoldNotActive { state } => ErrorDetails::with_error_info(
+                "HOLD_NOT_ACTIVE",
+                ERROR_DOMAIN,
+                HashMap::from([("state".to_owned(), (*state).to_owned())]),
+            ),
+            BillingError::CaptureExceedsHold { requested, held } => ErrorDetails::with_error_info(
+                "CAPTURE_EXCEEDS_HOLD",
+                ERROR_DOMAIN,
+                HashMap::from([
+                    ("requested".to_owned(), requested.to_string()),
+                    ("held".to_owned(), held.to_string()),
+                ]),
+            ),
+            BillingError::RefundExceedsCharge {
+                requested,
+                refundable,
+            } => ErrorDetails::with_error_info(
+                "REFUND_EXCEEDS_CHARGE",
+                ERROR_DOMAIN,
+                HashMap::from([
+                    ("requested".to_owned(), requested.to_string()),
+                    ("refundable".to_owned(), refundable.to_string()),
+                ]),
+            ),
+            BillingError::NotRefundable { kind, .. } => ErrorDetails::with_error_info(
+                "NOT_REFUNDABLE",
+                ERROR_DOMAIN,
+                HashMap::from([("kind".to_owned(), kind.clone())]),
+            ),
+            BillingError::BalanceOverflow { .. } => {
+                ErrorDetails::with_error_info("BALANCE_OVERFLOW", ERROR_DOMAIN, HashMap::new())
+            }
+            BillingError::Overloaded(what) => ErrorDetails::with_error_info(
+                "LEDGER_OVERLOADED",
+                ERROR_DOMAIN,
+                HashMap::from([("limit".to_owned(), (*what).to_owned())]),
+            ),
+            BillingError::WriteFailed => {
+                ErrorDetails::with_error_info("LEDGER_WRITE_FAILED", ERROR_DOMAIN, HashMap::new())
+            }
             BillingError::Unavailable(e) => {
                 tracing::error!(error = %e, "database unavailable");
                 ErrorDetails::new()
@@ -133,6 +249,14 @@ impl From<BillingError> for Status {
             }
         };
         Status::with_error_details(err.code(), message, details)
+    }
+}
+
+/// At most `max` characters of caller input, for messages and details.
+pub fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_owned(),
     }
 }
 

@@ -1,28 +1,37 @@
-//! The credit ledger: balance changes and their append-only rows, written
-//! together in one database transaction.
+//! The credit ledger: balance changes, holds and their append-only rows.
 //!
-//! The balance can never go below zero because the database decides it:
-//! the conditional `UPDATE … WHERE credits + delta >= 0` either moves the
-//! balance or matches nothing, and `accounts_credits_non_negative` backs it
-//! up. There is no read-then-write in application code. The first statement
-//! of every write locks the account row (PostgreSQL) or the database
-//! (SQLite `BEGIN IMMEDIATE`), so writers of one account are serialized and
-//! everything read after it is current.
+//! Every change of balance or of holds goes through one path, the
+//! [`writer`](crate::writer): requests are queued, gathered into batches and
+//! applied together in one database transaction per batch. This module holds
+//! the types the writer and the handlers share, the read queries, and
+//! [`Ledger`], the façade the handlers call.
+//!
+//! The balance can never go below what active holds reserve, and never below
+//! zero: the writer decides each request against the locked account row, and
+//! the schema backs it up (`accounts_held_within_balance`,
+//! `accounts_credits_non_negative`, the refund bound trigger).
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use igny8_db::{BeginWrite, Db, on_pool};
+use igny8_db::{Db, on_pool};
 
-use crate::error::BillingError;
+use crate::{
+    error::BillingError,
+    writer::{Clock, Done, Op, Writer, WriterConfig, system_clock},
+};
 
 /// What kind of change a row records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     /// Credits used.
     Deduct,
     /// Credits added.
     Grant,
+    /// A hold charged.
+    Capture,
+    /// Part of an earlier charge given back.
+    Refund,
 }
 
 impl Kind {
@@ -31,11 +40,13 @@ impl Kind {
         match self {
             Kind::Deduct => "deduct",
             Kind::Grant => "grant",
+            Kind::Capture => "capture",
+            Kind::Refund => "refund",
         }
     }
 }
 
-/// A change to apply.
+/// A deduction or grant to apply.
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// Deduct or grant.
@@ -50,7 +61,7 @@ pub struct Entry {
     pub description: String,
     /// Caller metadata.
     pub metadata: BTreeMap<String, String>,
-    /// Idempotency key, unique per account.
+    /// Idempotency key, unique per account and kind.
     pub idempotency_key: String,
     /// Fingerprint of the request, to tell a retry from a key reuse.
     pub request_hash: String,
@@ -65,7 +76,7 @@ pub struct LedgerRow {
     pub id: i64,
     /// The account.
     pub account_id: i64,
-    /// `deduct` or `grant`.
+    /// `deduct`, `grant`, `capture` or `refund`.
     pub kind: String,
     /// Signed change.
     pub credits: i64,
@@ -79,7 +90,7 @@ pub struct LedgerRow {
     pub description: String,
     /// JSON object of string pairs.
     pub metadata: String,
-    /// The idempotency key.
+    /// The idempotency key (for captures: the hold id).
     pub idempotency_key: String,
     /// Request fingerprint.
     pub request_hash: String,
@@ -87,6 +98,99 @@ pub struct LedgerRow {
     pub actor: String,
     /// When.
     pub created_at: DateTime<Utc>,
+    /// For captures: the hold captured.
+    pub hold_id: Option<String>,
+    /// For refunds: the row refunded.
+    pub refund_of: Option<i64>,
+}
+
+/// A hold as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct HoldRow {
+    /// Opaque id.
+    pub id: String,
+    /// The account.
+    pub account_id: i64,
+    /// `active`, `captured`, `released` or `expired` as stored; an active
+    /// hold past its expiry is expired whatever this says (see
+    /// [`HoldRow::state_at`]).
+    pub state: String,
+    /// Credits held.
+    pub credits: i64,
+    /// Credits charged by the capture.
+    pub captured_credits: i64,
+    /// Canonical operation or empty.
+    pub operation: String,
+    /// Quantity or 0.
+    pub quantity: i64,
+    /// Description.
+    pub description: String,
+    /// JSON object of string pairs.
+    pub metadata: String,
+    /// The Reserve idempotency key.
+    pub idempotency_key: String,
+    /// Request fingerprint.
+    pub request_hash: String,
+    /// Who placed it.
+    pub actor: String,
+    /// When it was placed.
+    pub created_at: DateTime<Utc>,
+    /// Expiry, microseconds since the Unix epoch.
+    pub expires_at_us: i64,
+    /// When it was captured, released or swept as expired.
+    pub closed_at: Option<DateTime<Utc>>,
+    /// The CAPTURE row, once captured.
+    pub transaction_id: Option<i64>,
+}
+
+/// Where a hold is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldState {
+    /// Counts against available credits.
+    Active,
+    /// Charged.
+    Captured,
+    /// Freed.
+    Released,
+    /// Past its expiry.
+    Expired,
+}
+
+impl HoldState {
+    /// The stored value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldState::Active => "active",
+            HoldState::Captured => "captured",
+            HoldState::Released => "released",
+            HoldState::Expired => "expired",
+        }
+    }
+
+    /// The API's enum value name, for error details.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            HoldState::Active => "HOLD_STATE_ACTIVE",
+            HoldState::Captured => "HOLD_STATE_CAPTURED",
+            HoldState::Released => "HOLD_STATE_RELEASED",
+            HoldState::Expired => "HOLD_STATE_EXPIRED",
+        }
+    }
+}
+
+impl HoldRow {
+    /// The hold's state at `now_us` (microseconds since the epoch): an
+    /// active hold stops being active the instant its expiry passes,
+    /// whether or not the sweep has recorded it.
+    pub fn state_at(&self, now_us: i64) -> HoldState {
+        match self.state.as_str() {
+            "active" if self.expires_at_us <= now_us => HoldState::Expired,
+            "active" => HoldState::Active,
+            "captured" => HoldState::Captured,
+            "released" => HoldState::Released,
+            _ => HoldState::Expired,
+        }
+    }
 }
 
 /// The result of [`Ledger::apply`].
@@ -98,69 +202,120 @@ pub struct Applied {
     pub replayed: bool,
 }
 
+/// An account's balance and what its active holds reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balance {
+    /// Credits on the account.
+    pub balance: i64,
+    /// Credits held by active, unexpired holds.
+    pub held: i64,
+}
+
+impl Balance {
+    /// What Check, Deduct and Reserve may use.
+    pub fn available(&self) -> i64 {
+        self.balance - self.held
+    }
+}
+
 /// The columns of [`LedgerRow`], in one place for every query.
-macro_rules! columns {
+#[macro_export]
+#[doc(hidden)]
+macro_rules! ledger_columns {
     () => {
         "id, account_id, kind, credits, balance_after, operation, quantity, description, \
-         metadata, idempotency_key, request_hash, actor, created_at"
+         metadata, idempotency_key, request_hash, actor, created_at, hold_id, refund_of"
     };
 }
 
-const MOVE_BALANCE: &str = "UPDATE accounts SET credits = credits + $1, updated_at = $2 \
-     WHERE id = $3 AND credits + $1 >= 0 RETURNING credits";
-
-const INSERT_ROW: &str = concat!(
-    "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
-     operation, quantity, description, metadata, idempotency_key, request_hash, actor, created_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-     ON CONFLICT (account_id, idempotency_key) DO NOTHING \
-     RETURNING ",
-    columns!()
-);
-
-const BY_KEY: &str = concat!(
-    "SELECT ",
-    columns!(),
-    " FROM credit_ledger WHERE account_id = $1 AND idempotency_key = $2"
-);
+/// The columns of [`HoldRow`], in one place for every query.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! hold_columns {
+    () => {
+        "id, account_id, state, credits, captured_credits, operation, quantity, description, \
+         metadata, idempotency_key, request_hash, actor, created_at, expires_at_us, closed_at, \
+         transaction_id"
+    };
+}
 
 const PAGE: &str = concat!(
     "SELECT ",
-    columns!(),
+    ledger_columns!(),
     " FROM credit_ledger WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
 );
 
-const BALANCE: &str = "SELECT credits FROM accounts WHERE id = $1";
+const BALANCE: &str = "SELECT credits, CAST(COALESCE((SELECT SUM(h.credits) FROM credit_holds h \
+     WHERE h.account_id = a.id AND h.state = 'active' AND h.expires_at_us > $2), 0) AS BIGINT) \
+     FROM accounts a WHERE a.id = $1";
 
-/// What one write transaction found.
-enum Outcome {
-    /// Balance moved and the row was written.
-    Written(LedgerRow),
-    /// The key already has a row (written earlier or concurrently).
-    KeyTaken(Option<LedgerRow>),
-    /// The balance could not cover the change; the current balance, if
-    /// the account exists.
-    Refused(Option<i64>),
+const HOLD: &str = concat!(
+    "SELECT ",
+    hold_columns!(),
+    " FROM credit_holds WHERE id = $1 AND account_id = $2"
+);
+
+/// Microseconds since the Unix epoch.
+pub fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
 }
 
-/// Ledger access for one database.
-#[derive(Debug, Clone)]
+/// Ledger access for one database: writes through the batching writer,
+/// reads straight from the pool.
+#[derive(Clone)]
 pub struct Ledger {
     db: Db,
+    writer: Writer,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("db", &self.db)
+            .field("writer", &self.writer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ledger {
-    /// The ledger in this database.
+    /// The ledger in this database, with a writer of the default
+    /// configuration for its backend. Must be called inside a Tokio runtime.
     pub fn new(db: Db) -> Self {
-        Self { db }
+        let config = WriterConfig::for_backend(db.backend());
+        Self::with_config(db, config)
     }
 
-    /// Applies `entry` to `account` exactly once per idempotency key.
+    /// The ledger in this database, with this writer configuration.
+    pub fn with_config(db: Db, config: WriterConfig) -> Self {
+        Self::with_clock(db, config, system_clock())
+    }
+
+    /// The ledger with this writer configuration and clock (tests drive
+    /// hold expiry with it).
+    pub fn with_clock(db: Db, config: WriterConfig, clock: Clock) -> Self {
+        let writer = Writer::start_with_clock(db.clone(), config, clock.clone());
+        Self { db, writer, clock }
+    }
+
+    /// The time, as this ledger's clock tells it.
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
+    }
+
+    /// The writer, for operations beyond [`Ledger::apply`].
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    /// Applies `entry` (a deduct or a grant) to `account` exactly once per
+    /// idempotency key.
     ///
     /// A key seen before with the same request fingerprint replays the
     /// original row; with a different fingerprint it is
-    /// [`BillingError::IdempotencyKeyReused`]. A change the balance cannot
-    /// cover is [`BillingError::InsufficientCredits`] and changes nothing.
+    /// [`BillingError::IdempotencyKeyReused`]. A change the available credits
+    /// cannot cover is [`BillingError::InsufficientCredits`] and changes
+    /// nothing.
     #[tracing::instrument(
         name = "ledger.apply",
         skip(self, entry),
@@ -168,106 +323,30 @@ impl Ledger {
         err(level = "debug")
     )]
     pub async fn apply(&self, account: i64, entry: &Entry) -> Result<Applied, BillingError> {
-        let metadata = serde_json::to_string(&entry.metadata).expect("string maps serialize");
-        let now = Utc::now();
-        let quantity = i64::try_from(entry.quantity).expect("quantities are bounded at 1e9");
-        let outcome = on_pool!(&self.db, pool => {
-            let mut tx = pool.begin_write().await?;
-            let moved: Option<i64> = sqlx::query_scalar(MOVE_BALANCE)
-                .bind(entry.credits)
-                .bind(now)
-                .bind(account)
-                .fetch_optional(&mut *tx)
-                .await?;
-            match moved {
-                Some(balance_after) => {
-                    let row: Option<LedgerRow> = sqlx::query_as(INSERT_ROW)
-                        .bind(account)
-                        .bind(entry.kind.as_str())
-                        .bind(entry.credits)
-                        .bind(balance_after)
-                        .bind(&entry.operation)
-                        .bind(quantity)
-                        .bind(&entry.description)
-                        .bind(&metadata)
-                        .bind(&entry.idempotency_key)
-                        .bind(&entry.request_hash)
-                        .bind(&entry.actor)
-                        .bind(now)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    match row {
-                        Some(row) => {
-                            tx.commit().await?;
-                            Outcome::Written(row)
-                        }
-                        None => {
-                            // The key is taken: undo the balance move.
-                            tx.rollback().await?;
-                            Outcome::KeyTaken(None)
-                        }
-                    }
-                }
-                None => {
-                    let existing: Option<LedgerRow> = sqlx::query_as(BY_KEY)
-                        .bind(account)
-                        .bind(&entry.idempotency_key)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    let outcome = match existing {
-                        Some(row) => Outcome::KeyTaken(Some(row)),
-                        None => Outcome::Refused(
-                            sqlx::query_scalar(BALANCE).bind(account).fetch_optional(&mut *tx).await?,
-                        ),
-                    };
-                    tx.rollback().await?;
-                    outcome
-                }
-            }
-        });
-        match outcome {
-            Outcome::Written(row) => Ok(Applied {
-                row,
-                replayed: false,
-            }),
-            Outcome::KeyTaken(row) => {
-                let row = match row {
-                    Some(row) => row,
-                    None => self
-                        .by_key(account, &entry.idempotency_key)
-                        .await?
-                        .ok_or_else(|| BillingError::Database(sqlx::Error::RowNotFound))?,
-                };
-                if row.request_hash == entry.request_hash {
-                    Ok(Applied {
-                        row,
-                        replayed: true,
-                    })
-                } else {
-                    Err(BillingError::IdempotencyKeyReused {
-                        key: entry.idempotency_key.clone(),
-                    })
-                }
-            }
-            Outcome::Refused(Some(available)) => Err(BillingError::InsufficientCredits {
-                required: -entry.credits,
-                available,
-            }),
-            Outcome::Refused(None) => Err(BillingError::AccountNotFound(account)),
+        match self
+            .writer
+            .submit(account, Op::Change(entry.clone()))
+            .await?
+        {
+            Done::Row { row, replayed, .. } => Ok(Applied { row, replayed }),
+            other => unreachable!("a change answers with a row, got {other:?}"),
         }
     }
 
-    async fn by_key(&self, account: i64, key: &str) -> Result<Option<LedgerRow>, BillingError> {
-        Ok(
-            on_pool!(&self.db, pool => sqlx::query_as(BY_KEY).bind(account).bind(key).fetch_optional(pool).await)?,
-        )
+    /// The account's balance and active holds, as of now.
+    #[tracing::instrument(name = "ledger.balance", skip(self), err(level = "debug"))]
+    pub async fn balance(&self, account: i64) -> Result<Balance, BillingError> {
+        let now_us = micros(self.now());
+        let found: Option<(i64, i64)> = on_pool!(&self.db, pool => sqlx::query_as(BALANCE).bind(account).bind(now_us).fetch_optional(pool).await)?;
+        let (balance, held) = found.ok_or(BillingError::AccountNotFound(account))?;
+        Ok(Balance { balance, held })
     }
 
-    /// The account's balance.
-    #[tracing::instrument(name = "ledger.balance", skip(self), err(level = "debug"))]
-    pub async fn balance(&self, account: i64) -> Result<i64, BillingError> {
-        let balance: Option<i64> = on_pool!(&self.db, pool => sqlx::query_scalar(BALANCE).bind(account).fetch_optional(pool).await)?;
-        balance.ok_or(BillingError::AccountNotFound(account))
+    /// One hold of the account, or [`BillingError::HoldNotFound`].
+    #[tracing::instrument(name = "ledger.hold", skip(self), err(level = "debug"))]
+    pub async fn hold(&self, account: i64, id: &str) -> Result<HoldRow, BillingError> {
+        let found: Option<HoldRow> = on_pool!(&self.db, pool => sqlx::query_as(HOLD).bind(id).bind(account).fetch_optional(pool).await)?;
+        found.ok_or_else(|| BillingError::HoldNotFound(id.to_owned()))
     }
 
     /// Up to `limit` rows older than `before_id` (or the newest when

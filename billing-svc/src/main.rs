@@ -10,7 +10,8 @@ fn main() -> ExitCode {
         |config| async move {
             let table = billing_svc::cost_table_from_env()
                 .map_err(|e| format!("IGNY8_COST_TABLE_FILE: {e}"))?;
-            let app = billing_svc::build(config, table)
+            let options = billing_svc::BillingOptions::from_env(&config.database_url)?;
+            let app = billing_svc::build_with(config, table, options)
                 .await
                 .map_err(|e| e.to_string())?;
             app.run_until_stopped(service_kit::shutdown_signal())

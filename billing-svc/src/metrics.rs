@@ -168,6 +168,50 @@ impl<S: BillingService> BillingService for Metered<S> {
     ) -> Result<Response<pb::GrantResponse>, Status> {
         self.inner.grant(request).await
     }
+
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        self.inner.reserve(request).await
+    }
+
+    async fn capture_hold(
+        &self,
+        request: Request<pb::CaptureHoldRequest>,
+    ) -> Result<Response<pb::CaptureHoldResponse>, Status> {
+        self.inner.capture_hold(request).await
+    }
+
+    async fn release_hold(
+        &self,
+        request: Request<pb::ReleaseHoldRequest>,
+    ) -> Result<Response<pb::ReleaseHoldResponse>, Status> {
+        self.inner.release_hold(request).await
+    }
+
+    async fn get_hold(
+        &self,
+        request: Request<pb::GetHoldRequest>,
+    ) -> Result<Response<pb::GetHoldResponse>, Status> {
+        self.inner.get_hold(request).await
+    }
+
+    async fn refund(
+        &self,
+        request: Request<pb::RefundRequest>,
+    ) -> Result<Response<pb::RefundResponse>, Status> {
+        self.inner.refund(request).await
+    }
+
+    type WatchBalanceStream = S::WatchBalanceStream;
+
+    async fn watch_balance(
+        &self,
+        request: Request<pb::WatchBalanceRequest>,
+    ) -> Result<Response<Self::WatchBalanceStream>, Status> {
+        self.inner.watch_balance(request).await
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use auth_interceptor::AuthContext;
 use igny8_proto::billing::v1::{
-    self as pb, billing_service_server::BillingService, check_request, deduct_request,
+    self as pb, billing_service_server::BillingService, capture_hold_request, check_request,
+    deduct_request, reserve_request,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -17,8 +18,9 @@ use tonic::{Request, Response, Status};
 use crate::{
     costs::{CostTable, PriceError},
     error::BillingError,
-    ledger::{Entry, Kind, Ledger, LedgerRow},
+    ledger::{Entry, HoldRow, Kind, Ledger, LedgerRow, micros},
     page_token::PageTokens,
+    writer::{CaptureAmount, Done, NewHold, NewRefund, Op},
 };
 
 /// Largest raw credit amount accepted in one call (Check, Deduct, Grant).
@@ -33,6 +35,14 @@ pub const MAX_METADATA_ENTRIES: usize = 16;
 pub const MAX_METADATA_KEY_LEN: usize = 64;
 /// Longest metadata value.
 pub const MAX_METADATA_VALUE_LEN: usize = 256;
+/// A hold's lifetime when none is asked for.
+pub const DEFAULT_HOLD_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// Shortest hold lifetime.
+pub const MIN_HOLD_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest hold lifetime.
+pub const MAX_HOLD_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+/// Longest hold id accepted (ids are 37 characters).
+const MAX_HOLD_ID_LEN: usize = 64;
 /// `ListTransactions` page size when none is asked for.
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
 /// Largest `ListTransactions` page.
@@ -57,6 +67,24 @@ impl From<check_request::Cost> for CostSpec {
         match c {
             check_request::Cost::Usage(u) => CostSpec::Usage(u),
             check_request::Cost::Credits(n) => CostSpec::Credits(n),
+        }
+    }
+}
+
+impl From<reserve_request::Cost> for CostSpec {
+    fn from(c: reserve_request::Cost) -> Self {
+        match c {
+            reserve_request::Cost::Usage(u) => CostSpec::Usage(u),
+            reserve_request::Cost::Credits(n) => CostSpec::Credits(n),
+        }
+    }
+}
+
+impl From<capture_hold_request::Amount> for CostSpec {
+    fn from(c: capture_hold_request::Amount) -> Self {
+        match c {
+            capture_hold_request::Amount::Usage(u) => CostSpec::Usage(u),
+            capture_hold_request::Amount::Credits(n) => CostSpec::Credits(n),
         }
     }
 }
@@ -86,6 +114,12 @@ struct Fingerprint<'a> {
     quantity: u64,
     description: &'a str,
     metadata: &'a BTreeMap<String, String>,
+    /// Reserve only: the hold's lifetime in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl_ms: Option<u128>,
+    /// Refund only: the row refunded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refund_of: Option<i64>,
 }
 
 impl Fingerprint<'_> {
@@ -109,6 +143,8 @@ pub fn grant_fingerprint(credits: i64, reason: &str) -> String {
         quantity: 0,
         description: reason,
         metadata: &BTreeMap::new(),
+        ttl_ms: None,
+        refund_of: None,
     }
     .hash()
 }
@@ -122,6 +158,10 @@ impl Billing {
             ledger,
             tokens: PageTokens::new(page_token_key),
         }
+    }
+
+    fn now_us(&self) -> i64 {
+        micros(self.ledger.now())
     }
 
     fn price(&self, cost: Option<CostSpec>, prefix: &str) -> Result<Priced, BillingError> {
@@ -234,11 +274,106 @@ fn check_metadata(
     Ok(metadata.into_iter().collect())
 }
 
+fn check_ttl(ttl: Option<prost_types::Duration>) -> Result<std::time::Duration, BillingError> {
+    let Some(ttl) = ttl else {
+        return Ok(DEFAULT_HOLD_TTL);
+    };
+    let invalid = || {
+        BillingError::field(
+            "ttl",
+            format!(
+                "must be from {}s to {}s, got {}s {}ns",
+                MIN_HOLD_TTL.as_secs(),
+                MAX_HOLD_TTL.as_secs(),
+                ttl.seconds,
+                ttl.nanos
+            ),
+        )
+    };
+    let (Ok(secs), Ok(nanos)) = (u64::try_from(ttl.seconds), u32::try_from(ttl.nanos)) else {
+        return Err(invalid());
+    };
+    if nanos >= 1_000_000_000 {
+        return Err(invalid());
+    }
+    let ttl = std::time::Duration::new(secs, nanos);
+    if !(MIN_HOLD_TTL..=MAX_HOLD_TTL).contains(&ttl) {
+        return Err(invalid());
+    }
+    Ok(ttl)
+}
+
+fn check_hold_id(id: &str) -> Result<(), BillingError> {
+    if id.trim().is_empty() {
+        return Err(BillingError::field(
+            "hold_id",
+            "required: the id Reserve returned",
+        ));
+    }
+    if id.chars().count() > MAX_HOLD_ID_LEN {
+        return Err(BillingError::HoldNotFound(crate::error::truncate(
+            id,
+            MAX_HOLD_ID_LEN,
+        )));
+    }
+    Ok(())
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or_default(),
+    }
+}
+
+fn timestamp_us(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: i32::try_from(us.rem_euclid(1_000_000) * 1000).unwrap_or_default(),
+    }
+}
+
+/// A hold as the API shows it, with its state as of `now_us`.
+pub fn hold(row: HoldRow, now_us: i64) -> pb::Hold {
+    let state = match row.state_at(now_us) {
+        crate::ledger::HoldState::Active => pb::HoldState::Active,
+        crate::ledger::HoldState::Captured => pb::HoldState::Captured,
+        crate::ledger::HoldState::Released => pb::HoldState::Released,
+        crate::ledger::HoldState::Expired => pb::HoldState::Expired,
+    };
+    pb::Hold {
+        id: row.id,
+        account_id: row.account_id,
+        state: state as i32,
+        credits: row.credits,
+        captured_credits: row.captured_credits,
+        operation: row.operation,
+        quantity: u64::try_from(row.quantity).unwrap_or_default(),
+        description: row.description,
+        metadata: serde_json::from_str(&row.metadata).unwrap_or_default(),
+        idempotency_key: row.idempotency_key,
+        create_time: Some(timestamp(row.created_at)),
+        expire_time: Some(timestamp_us(row.expires_at_us)),
+        transaction_id: row.transaction_id.unwrap_or_default(),
+    }
+}
+
+/// The writer answered a request with the wrong kind of result: a bug.
+fn unexpected(done: &Done) -> Status {
+    tracing::error!(
+        ?done,
+        "the ledger writer answered with the wrong kind of result"
+    );
+    Status::internal("the ledger answered unexpectedly")
+}
+
 /// A ledger row as the API shows it.
 pub fn transaction(row: LedgerRow) -> pb::Transaction {
     let kind = match row.kind.as_str() {
         "deduct" => pb::TransactionKind::Deduct,
         "grant" => pb::TransactionKind::Grant,
+        "capture" => pb::TransactionKind::Capture,
+        "refund" => pb::TransactionKind::Refund,
         _ => pb::TransactionKind::Unspecified,
     };
     let metadata = serde_json::from_str(&row.metadata).unwrap_or_default();
@@ -254,10 +389,9 @@ pub fn transaction(row: LedgerRow) -> pb::Transaction {
         metadata,
         idempotency_key: row.idempotency_key,
         actor: row.actor,
-        create_time: Some(prost_types::Timestamp {
-            seconds: row.created_at.timestamp(),
-            nanos: i32::try_from(row.created_at.timestamp_subsec_nanos()).unwrap_or_default(),
-        }),
+        create_time: Some(timestamp(row.created_at)),
+        hold_id: row.hold_id.unwrap_or_default(),
+        refund_of: row.refund_of.unwrap_or_default(),
     }
 }
 
@@ -304,7 +438,7 @@ impl BillingService for Billing {
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let account = AuthContext::of(&request)?.account()?;
         let priced = self.price(request.into_inner().cost.map(CostSpec::from), "usage.")?;
-        let available = self.ledger.balance(account).await?;
+        let available = self.ledger.balance(account).await?.available();
         Ok(Response::new(pb::CheckResponse {
             sufficient: available >= priced.credits,
             required_credits: priced.credits,
@@ -330,6 +464,8 @@ impl BillingService for Billing {
             quantity: priced.quantity,
             description: &r.description,
             metadata: &metadata,
+            ttl_ms: None,
+            refund_of: None,
         }
         .hash();
         let applied = self
@@ -365,7 +501,9 @@ impl BillingService for Billing {
         let balance = self.ledger.balance(account).await?;
         Ok(Response::new(pb::GetBalanceResponse {
             account_id: account,
-            balance,
+            balance: balance.balance,
+            held: balance.held,
+            available: balance.available(),
         }))
     }
 
@@ -452,6 +590,198 @@ impl BillingService for Billing {
             transaction: Some(transaction(applied.row)),
             replayed: applied.replayed,
         }))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let ctx = AuthContext::of(&request)?;
+        let (account, actor) = (ctx.account()?, ctx.actor());
+        let r = request.into_inner();
+        check_key(&r.idempotency_key)?;
+        let priced = self.price(r.cost.map(CostSpec::from), "usage.")?;
+        let ttl = check_ttl(r.ttl)?;
+        check_text("description", &r.description, false)?;
+        let metadata = check_metadata(r.metadata)?;
+        let request_hash = Fingerprint {
+            kind: "reserve",
+            credits: priced.operation.is_empty().then_some(priced.credits),
+            operation: &priced.operation,
+            quantity: priced.quantity,
+            description: &r.description,
+            metadata: &metadata,
+            ttl_ms: Some(ttl.as_millis()),
+            refund_of: None,
+        }
+        .hash();
+        let op = Op::Reserve(NewHold {
+            credits: priced.credits,
+            operation: priced.operation,
+            quantity: priced.quantity,
+            description: r.description,
+            metadata,
+            idempotency_key: r.idempotency_key,
+            request_hash,
+            actor,
+            ttl,
+        });
+        match self.ledger.writer().submit(account, op).await? {
+            Done::Reserved {
+                hold: row,
+                available,
+                replayed,
+            } => {
+                tracing::debug!(account, replayed, "reserved");
+                Ok(Response::new(pb::ReserveResponse {
+                    hold: Some(hold(row, self.now_us())),
+                    available,
+                    replayed,
+                }))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn capture_hold(
+        &self,
+        request: Request<pb::CaptureHoldRequest>,
+    ) -> Result<Response<pb::CaptureHoldResponse>, Status> {
+        let ctx = AuthContext::of(&request)?;
+        let (account, actor) = (ctx.account()?, ctx.actor());
+        let r = request.into_inner();
+        check_hold_id(&r.hold_id)?;
+        let amount = match r.amount {
+            None => None,
+            Some(amount) => {
+                let priced = self.price(Some(CostSpec::from(amount)), "usage.")?;
+                Some(CaptureAmount {
+                    credits: priced.credits,
+                    operation: (!priced.operation.is_empty()).then_some(priced.operation),
+                    quantity: priced.quantity,
+                })
+            }
+        };
+        let op = Op::Capture {
+            hold_id: r.hold_id,
+            amount,
+            actor,
+        };
+        match self.ledger.writer().submit(account, op).await? {
+            Done::Captured {
+                hold: h,
+                row,
+                replayed,
+            } => {
+                tracing::debug!(account, replayed, "captured");
+                Ok(Response::new(pb::CaptureHoldResponse {
+                    hold: Some(hold(h, self.now_us())),
+                    balance: row.balance_after,
+                    transaction: Some(transaction(row)),
+                    replayed,
+                }))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn release_hold(
+        &self,
+        request: Request<pb::ReleaseHoldRequest>,
+    ) -> Result<Response<pb::ReleaseHoldResponse>, Status> {
+        let account = AuthContext::of(&request)?.account()?;
+        let r = request.into_inner();
+        check_hold_id(&r.hold_id)?;
+        let op = Op::Release { hold_id: r.hold_id };
+        match self.ledger.writer().submit(account, op).await? {
+            Done::Released { hold: h, replayed } => Ok(Response::new(pb::ReleaseHoldResponse {
+                hold: Some(hold(h, self.now_us())),
+                replayed,
+            })),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn get_hold(
+        &self,
+        request: Request<pb::GetHoldRequest>,
+    ) -> Result<Response<pb::GetHoldResponse>, Status> {
+        let account = AuthContext::of(&request)?.account()?;
+        let r = request.into_inner();
+        check_hold_id(&r.hold_id)?;
+        let row = self.ledger.hold(account, &r.hold_id).await?;
+        Ok(Response::new(pb::GetHoldResponse {
+            hold: Some(hold(row, self.now_us())),
+        }))
+    }
+
+    async fn refund(
+        &self,
+        request: Request<pb::RefundRequest>,
+    ) -> Result<Response<pb::RefundResponse>, Status> {
+        let ctx = AuthContext::of(&request)?;
+        let (account, actor) = (ctx.account()?, ctx.actor());
+        let r = request.into_inner();
+        if r.transaction_id <= 0 {
+            return Err(BillingError::field(
+                "transaction_id",
+                "required: the id of a DEDUCT or CAPTURE transaction of this account",
+            )
+            .into());
+        }
+        if !(0..=MAX_CREDITS).contains(&r.credits) {
+            return Err(BillingError::field(
+                "credits",
+                format!(
+                    "must be from 0 (everything left) to {MAX_CREDITS}, got {}",
+                    r.credits
+                ),
+            )
+            .into());
+        }
+        check_key(&r.idempotency_key)?;
+        check_text("reason", &r.reason, false)?;
+        let request_hash = Fingerprint {
+            kind: "refund",
+            credits: Some(r.credits),
+            operation: "",
+            quantity: 0,
+            description: &r.reason,
+            metadata: &BTreeMap::new(),
+            ttl_ms: None,
+            refund_of: Some(r.transaction_id),
+        }
+        .hash();
+        let op = Op::Refund(NewRefund {
+            transaction_id: r.transaction_id,
+            credits: r.credits,
+            idempotency_key: r.idempotency_key,
+            request_hash,
+            reason: r.reason,
+            actor,
+        });
+        match self.ledger.writer().submit(account, op).await? {
+            Done::Row { row, replayed } => {
+                tracing::info!(account, credits = row.credits, replayed, "refunded");
+                Ok(Response::new(pb::RefundResponse {
+                    balance: row.balance_after,
+                    transaction: Some(transaction(row)),
+                    replayed,
+                }))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    type WatchBalanceStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::WatchBalanceResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_balance(
+        &self,
+        _request: Request<pb::WatchBalanceRequest>,
+    ) -> Result<Response<Self::WatchBalanceStream>, Status> {
+        Err(Status::unimplemented("WatchBalance: in progress"))
     }
 }
 

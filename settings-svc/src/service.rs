@@ -179,6 +179,21 @@ impl SettingsService for Settings {
             settings: Some(to_proto(&switches)),
         }))
     }
+
+    type WatchModuleSettingsStream = std::pin::Pin<
+        Box<
+            dyn futures::Stream<Item = Result<pb::WatchModuleSettingsResponse, Status>>
+                + Send
+                + 'static,
+        >,
+    >;
+
+    async fn watch_module_settings(
+        &self,
+        _request: Request<pb::WatchModuleSettingsRequest>,
+    ) -> Result<Response<Self::WatchModuleSettingsStream>, Status> {
+        Err(Status::unimplemented("WatchModuleSettings: in progress"))
+    }
 }
 
 #[cfg(test)]

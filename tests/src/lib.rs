@@ -550,7 +550,16 @@ where
 
 /// Starts billing on `db` with `config` and waits until it is SERVING.
 pub async fn spawn_billing_with(config: ServiceConfig) -> Running {
-    let app = billing_svc::build(config, billing_svc::CostTable::builtin())
+    spawn_billing_with_options(config, billing_svc::BillingOptions::default()).await
+}
+
+/// Starts billing with `config` and billing-only `options`, and waits until
+/// it is SERVING.
+pub async fn spawn_billing_with_options(
+    config: ServiceConfig,
+    options: billing_svc::BillingOptions,
+) -> Running {
+    let app = billing_svc::build_with(config, billing_svc::CostTable::builtin(), options)
         .await
         .expect("billing builds");
     let running = start(app.local_addr(), |stopped| async move {

@@ -347,7 +347,9 @@ async fn spoofed_identity_metadata_is_replaced(b: Backend) {
         r.into_inner(),
         igny8_proto::billing::v1::GetBalanceResponse {
             account_id: A1,
-            balance: 100
+            balance: 100,
+            held: 0,
+            available: 100,
         }
     );
     // The spoofed role did not make the viewer a developer either.

@@ -1,4 +1,5 @@
-//! Property: over any sequence of deducts, grants and replays, the balance
+//! Property: over any sequence of deducts, grants and replays (keys are a
+//! namespace per kind), the balance
 //! equals the sum of the ledger, never goes below zero, and every outcome is
 //! the one a simple model predicts — on both backends.
 
@@ -64,7 +65,8 @@ async fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let ledger = Ledger::new(db.db.clone());
     // The model: balance, and per key the request hash and the result.
     let mut balance = start;
-    let mut keys: HashMap<String, (String, i64, i64)> = HashMap::new();
+    // Keys are a namespace per account and per kind of request.
+    let mut keys: HashMap<(Kind, String), (String, i64, i64)> = HashMap::new();
     let mut done: Vec<Entry> = Vec::new();
     for op in ops {
         let e = match op {
@@ -74,7 +76,7 @@ async fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Replay(n) => done[n % done.len()].clone(),
         };
         let got = ledger.apply(account, &e).await;
-        match keys.get(&e.idempotency_key) {
+        match keys.get(&(e.kind, e.idempotency_key.clone())) {
             Some((hash, id, after)) if *hash == e.request_hash => {
                 let applied =
                     got.map_err(|err| TestCaseError::fail(format!("replay failed: {err}")))?;
@@ -102,7 +104,7 @@ async fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 balance += e.credits;
                 prop_assert_eq!(applied.row.balance_after, balance);
                 keys.insert(
-                    e.idempotency_key.clone(),
+                    (e.kind, e.idempotency_key.clone()),
                     (e.request_hash.clone(), applied.row.id, balance),
                 );
                 done.push(e);

@@ -1,0 +1,1453 @@
+//! The batching ledger writer: one database transaction for many balance
+//! changes.
+//!
+//! Every request that changes a balance or a hold (Deduct, Grant, Reserve,
+//! CaptureHold, ReleaseHold, Refund) is queued here. A writer task per shard
+//! of accounts takes whatever is waiting (up to `max_batch`; no timer: while
+//! one batch commits the next one gathers) and applies it in **one**
+//! transaction with a constant number of statements:
+//!
+//! 1. lock the batch's accounts, in id order (`SELECT … FOR UPDATE` on
+//!    PostgreSQL; `BEGIN IMMEDIATE` on SQLite), so batches of several
+//!    replicas never deadlock;
+//! 2. sweep the accounts' expired holds (only when some account holds any);
+//! 3. look up every idempotency key, hold and refunded row the batch names;
+//! 4. decide each request in arrival order against a running balance in
+//!    memory ([`decide`], pure and unit-tested);
+//! 5. write all new ledger rows with one multi-row insert, all new holds with
+//!    another, update changed holds and accounts with one statement each, and
+//!    (PostgreSQL) `pg_notify` once per changed account;
+//! 6. commit, then answer every caller.
+//!
+//! If the transaction fails, nothing in it is acknowledged: a batch of
+//! several is retried one request per transaction (so one poisoned request
+//! cannot fail its neighbours), and what still fails answers UNAVAILABLE
+//! ("nothing changed, retry with the same key"), which a client retry then
+//! makes exactly-once through the idempotency key.
+//!
+//! Bounds: each shard's queue holds at most `queue_capacity` requests and one
+//! account at most `account_share` of them; past either the request is
+//! refused at once with RESOURCE_EXHAUSTED. A caller that gives up (deadline,
+//! cancellation) before its batch starts is dropped from the batch.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use igny8_db::{Backend, BeginWrite, Db, on_pool};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    error::BillingError,
+    hold_columns,
+    ledger::{Entry, HoldRow, HoldState, Kind, LedgerRow, micros},
+    ledger_columns,
+};
+
+/// How the writer batches and bounds its work.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Most requests applied in one transaction (`IGNY8_LEDGER_MAX_BATCH`).
+    pub max_batch: usize,
+    /// Writer tasks, each owning a shard of accounts (`account % shards`)
+    /// and using one connection at a time (`IGNY8_LEDGER_SHARDS`).
+    pub shards: usize,
+    /// Requests waiting per shard before new ones are refused
+    /// (`IGNY8_LEDGER_QUEUE`).
+    pub queue_capacity: usize,
+    /// Requests one account may have waiting per shard
+    /// (`IGNY8_LEDGER_ACCOUNT_SHARE`).
+    pub account_share: usize,
+}
+
+/// Default `max_batch`: chosen by measurement (README "Benchmarks").
+pub const DEFAULT_MAX_BATCH: usize = 128;
+/// Default queue bound per shard.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+/// Default per-account share of a shard's queue.
+pub const DEFAULT_ACCOUNT_SHARE: usize = 1024;
+
+impl WriterConfig {
+    /// The defaults for a backend: several shards on PostgreSQL, where
+    /// unrelated accounts are written in parallel; one on SQLite, which has
+    /// one writer anyway.
+    pub fn for_backend(backend: Backend) -> Self {
+        Self {
+            max_batch: DEFAULT_MAX_BATCH,
+            shards: match backend {
+                Backend::Postgres => 4,
+                Backend::Sqlite => 1,
+            },
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            account_share: DEFAULT_ACCOUNT_SHARE,
+        }
+    }
+
+    /// The defaults for `backend`, overridden by `IGNY8_LEDGER_MAX_BATCH`,
+    /// `IGNY8_LEDGER_SHARDS`, `IGNY8_LEDGER_QUEUE` and
+    /// `IGNY8_LEDGER_ACCOUNT_SHARE` from `lookup`.
+    pub fn from_lookup(
+        backend: Backend,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
+        let mut config = Self::for_backend(backend);
+        let read = |name: &str, default: usize, max: usize| -> Result<usize, String> {
+            match lookup(name).filter(|v| !v.trim().is_empty()) {
+                None => Ok(default),
+                Some(v) => match v.trim().parse::<usize>() {
+                    Ok(n) if (1..=max).contains(&n) => Ok(n),
+                    _ => Err(format!(
+                        "{name}: expected a whole number from 1 to {max}, got {v:?}"
+                    )),
+                },
+            }
+        };
+        config.max_batch = read("IGNY8_LEDGER_MAX_BATCH", config.max_batch, 1000)?;
+        config.shards = read("IGNY8_LEDGER_SHARDS", config.shards, 64)?;
+        config.queue_capacity = read("IGNY8_LEDGER_QUEUE", config.queue_capacity, 1_000_000)?;
+        config.account_share = read(
+            "IGNY8_LEDGER_ACCOUNT_SHARE",
+            config.account_share.min(config.queue_capacity),
+            config.queue_capacity,
+        )?;
+        Ok(config)
+    }
+}
+
+/// A reservation to place.
+#[derive(Debug, Clone)]
+pub struct NewHold {
+    /// Credits to hold (> 0).
+    pub credits: i64,
+    /// Canonical operation or empty.
+    pub operation: String,
+    /// Quantity priced or 0.
+    pub quantity: u64,
+    /// Description.
+    pub description: String,
+    /// Caller metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Reserve idempotency key.
+    pub idempotency_key: String,
+    /// Request fingerprint.
+    pub request_hash: String,
+    /// Who asks.
+    pub actor: String,
+    /// Lifetime.
+    pub ttl: Duration,
+}
+
+/// How much of a hold to capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureAmount {
+    /// Credits to charge (> 0).
+    pub credits: i64,
+    /// The operation priced, when the amount came from usage.
+    pub operation: Option<String>,
+    /// The quantity priced, when the amount came from usage.
+    pub quantity: u64,
+}
+
+/// A refund to give.
+#[derive(Debug, Clone)]
+pub struct NewRefund {
+    /// The DEDUCT or CAPTURE row refunded.
+    pub transaction_id: i64,
+    /// Credits to give back; 0 = all that is left.
+    pub credits: i64,
+    /// Refund idempotency key.
+    pub idempotency_key: String,
+    /// Request fingerprint.
+    pub request_hash: String,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub actor: String,
+}
+
+/// One request to the writer.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A deduction or grant.
+    Change(Entry),
+    /// Place a hold.
+    Reserve(NewHold),
+    /// Charge a hold; `None` = the whole held amount.
+    Capture {
+        /// The hold.
+        hold_id: String,
+        /// How much.
+        amount: Option<CaptureAmount>,
+        /// Who.
+        actor: String,
+    },
+    /// Free a hold.
+    Release {
+        /// The hold.
+        hold_id: String,
+    },
+    /// Give back part of a charge.
+    Refund(NewRefund),
+}
+
+/// What a request did.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // short-lived, moved once per request
+pub enum Done {
+    /// A deduction, grant or refund.
+    Row {
+        /// The row written, or the original row on a replay.
+        row: LedgerRow,
+        /// True on a replay.
+        replayed: bool,
+    },
+    /// A hold placed.
+    Reserved {
+        /// The hold (on a replay: as it is now).
+        hold: HoldRow,
+        /// Credits available right after.
+        available: i64,
+        /// True on a replay.
+        replayed: bool,
+    },
+    /// A hold captured.
+    Captured {
+        /// The hold, captured.
+        hold: HoldRow,
+        /// The CAPTURE row.
+        row: LedgerRow,
+        /// True on a repeat of the same capture.
+        replayed: bool,
+    },
+    /// A hold released.
+    Released {
+        /// The hold, released.
+        hold: HoldRow,
+        /// True when it was released before.
+        replayed: bool,
+    },
+}
+
+struct Job {
+    account: i64,
+    op: Op,
+    reply: oneshot::Sender<Result<Done, BillingError>>,
+}
+
+struct Shard {
+    tx: mpsc::Sender<Job>,
+    /// Requests waiting per account, for the per-account share.
+    waiting: Arc<Mutex<HashMap<i64, usize>>>,
+}
+
+/// The writer's clock: decides when holds expire. Tests replace it to
+/// drive expiry without sleeping.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// A commit hook: called after every committed batch with the accounts it
+/// changed (in-process change notification).
+pub type OnCommit = Arc<dyn Fn(&[i64]) + Send + Sync>;
+
+/// Handle to the writer tasks; cheap to clone. The tasks stop once every
+/// handle is dropped and their queues are empty.
+#[derive(Clone)]
+pub struct Writer {
+    shards: Arc<Vec<Shard>>,
+    config: WriterConfig,
+    on_commit: Arc<Mutex<Option<OnCommit>>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// Starts one writer task per shard on the current Tokio runtime.
+    pub fn start(db: Db, config: WriterConfig) -> Self {
+        Self::start_with_clock(db, config, system_clock())
+    }
+
+    /// [`Writer::start`] with a given clock.
+    pub fn start_with_clock(db: Db, config: WriterConfig, clock: Clock) -> Self {
+        let on_commit: Arc<Mutex<Option<OnCommit>>> = Arc::default();
+        let shards = (0..config.shards.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+                let waiting: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+                tokio::spawn(run_shard(
+                    db.clone(),
+                    rx,
+                    config.max_batch.max(1),
+                    waiting.clone(),
+                    on_commit.clone(),
+                    clock.clone(),
+                ));
+                Shard { tx, waiting }
+            })
+            .collect();
+        Self {
+            shards: Arc::new(shards),
+            config,
+            on_commit,
+        }
+    }
+
+    /// Installs the hook called after each commit with the changed accounts.
+    pub fn set_on_commit(&self, hook: OnCommit) {
+        *self.on_commit.lock().expect("hook lock") = Some(hook);
+    }
+
+    /// The configuration the writer runs with.
+    pub fn config(&self) -> &WriterConfig {
+        &self.config
+    }
+
+    /// Queues `op` for `account` and waits for its answer. Refused at once
+    /// with [`BillingError::Overloaded`] when the queue or the account's
+    /// share of it is full. Dropping the future before the batch starts
+    /// withdraws the request.
+    pub async fn submit(&self, account: i64, op: Op) -> Result<Done, BillingError> {
+        let shard = &self.shards[shard_of(account, self.shards.len())];
+        {
+            let mut waiting = shard.waiting.lock().expect("share lock");
+            let n = waiting.entry(account).or_default();
+            if *n >= self.config.account_share {
+                return Err(BillingError::Overloaded(
+                    "this account's share of the ledger queue is full",
+                ));
+            }
+            *n += 1;
+        }
+        let (reply, answer) = oneshot::channel();
+        let sent = shard.tx.try_send(Job { account, op, reply });
+        if let Err(e) = sent {
+            release_share(&shard.waiting, account);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    BillingError::Overloaded("the ledger queue is full")
+                }
+                mpsc::error::TrySendError::Closed(_) => BillingError::WriteFailed,
+            });
+        }
+        answer.await.unwrap_or(Err(BillingError::WriteFailed))
+    }
+}
+
+fn shard_of(account: i64, shards: usize) -> usize {
+    (account.unsigned_abs() % shards as u64) as usize
+}
+
+fn release_share(waiting: &Mutex<HashMap<i64, usize>>, account: i64) {
+    let mut waiting = waiting.lock().expect("share lock");
+    if let Some(n) = waiting.get_mut(&account) {
+        *n -= 1;
+        if *n == 0 {
+            waiting.remove(&account);
+        }
+    }
+}
+
+async fn run_shard(
+    db: Db,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    waiting: Arc<Mutex<HashMap<i64, usize>>>,
+    on_commit: Arc<Mutex<Option<OnCommit>>>,
+    clock: Clock,
+) {
+    let mut jobs = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut jobs, max_batch).await > 0 {
+        for job in &jobs {
+            release_share(&waiting, job.account);
+        }
+        // Callers that gave up (deadline, cancellation) are not applied.
+        jobs.retain(|job| !job.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let batch: Vec<Job> = std::mem::take(&mut jobs);
+        let changed = process(&db, batch, &clock).await;
+        if !changed.is_empty() {
+            let hook = on_commit.lock().expect("hook lock").clone();
+            if let Some(hook) = hook {
+                hook(&changed);
+            }
+        }
+    }
+}
+
+/// Applies a batch and answers its callers; returns the accounts changed.
+async fn process(db: &Db, batch: Vec<Job>, clock: &Clock) -> Vec<i64> {
+    let requests: Vec<(i64, &Op)> = batch.iter().map(|j| (j.account, &j.op)).collect();
+    let size = batch.len();
+    match apply_batch(db, &requests, clock).await {
+        Ok((answers, changed)) => {
+            metrics::record_batch(size);
+            for (job, answer) in batch.into_iter().zip(answers) {
+                let _ = job.reply.send(answer);
+            }
+            changed
+        }
+        Err(e) if size > 1 => {
+            tracing::warn!(error = %e, size, "ledger batch failed; retrying its requests one by one");
+            let mut changed = BTreeSet::new();
+            for job in batch {
+                let one = [(job.account, &job.op)];
+                let answer = match apply_batch(db, &one, clock).await {
+                    Ok((mut answers, c)) => {
+                        changed.extend(c);
+                        answers.pop().unwrap_or(Err(BillingError::WriteFailed))
+                    }
+                    Err(e) => Err(batch_error(e)),
+                };
+                let _ = job.reply.send(answer);
+            }
+            changed.into_iter().collect()
+        }
+        Err(e) => {
+            for job in batch {
+                let _ = job.reply.send(Err(batch_error_ref(&e)));
+            }
+            Vec::new()
+        }
+    }
+}
+
+fn batch_error(e: sqlx::Error) -> BillingError {
+    batch_error_ref(&e)
+}
+
+fn batch_error_ref(e: &sqlx::Error) -> BillingError {
+    if igny8_db::is_check_violation(e) {
+        tracing::error!(error = %e, "ledger write refused by a schema constraint");
+    } else {
+        tracing::warn!(error = %e, "ledger write failed");
+    }
+    BillingError::WriteFailed
+}
+
+/// Batch sizes, for the metrics endpoint and the benchmark.
+pub mod metrics {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static BATCHES: AtomicU64 = AtomicU64::new(0);
+    static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn record_batch(size: usize) {
+        BATCHES.fetch_add(1, Ordering::Relaxed);
+        REQUESTS.fetch_add(size as u64, Ordering::Relaxed);
+    }
+
+    /// Committed batches and the requests they carried, since start.
+    pub fn totals() -> (u64, u64) {
+        (
+            BATCHES.load(Ordering::Relaxed),
+            REQUESTS.load(Ordering::Relaxed),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What the batch read, and the pure decision over it.
+
+/// Everything [`decide`] needs, read under the batch's locks.
+#[derive(Debug, Default, Clone)]
+pub struct Loaded {
+    /// Locked accounts: id → (credits, held), held already net of swept holds.
+    pub accounts: BTreeMap<i64, (i64, i64)>,
+    /// Existing ledger rows by (account, kind, key).
+    pub rows_by_key: HashMap<(i64, String, String), LedgerRow>,
+    /// Existing ledger rows by id (refund targets, captured holds' rows).
+    pub rows_by_id: HashMap<i64, LedgerRow>,
+    /// Credits already refunded per row id.
+    pub refunded: HashMap<i64, i64>,
+    /// Existing holds by (account, Reserve key).
+    pub holds_by_key: HashMap<(i64, String), HoldRow>,
+    /// Existing holds by id.
+    pub holds_by_id: HashMap<String, HoldRow>,
+}
+
+/// A row to insert; its id is known after the insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRow {
+    /// The row with `id` 0.
+    pub row: LedgerRow,
+}
+
+/// An answer that may point at a row not yet inserted.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // short-lived, moved once per request
+pub enum Pending {
+    /// Final.
+    Done(Done),
+    /// A new or replayed deduct/grant/refund: index into `Plan::new_rows` or an
+    /// existing row.
+    Row(RowRef, bool),
+    /// A capture: the hold after it, its row, replayed.
+    Captured(Box<HoldRow>, RowRef, bool),
+    /// Refused.
+    Failed(BillingError),
+}
+
+/// A ledger row, existing or to be inserted.
+#[derive(Debug, Clone)]
+pub enum RowRef {
+    /// Already stored.
+    Existing(Box<LedgerRow>),
+    /// `Plan::new_rows[i]`.
+    New(usize),
+}
+
+/// The writes a batch makes, and its answers.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// One per request, in order.
+    pub answers: Vec<Pending>,
+    /// Ledger rows to insert, in order.
+    pub new_rows: Vec<NewRow>,
+    /// Holds to insert.
+    pub new_holds: Vec<HoldRow>,
+    /// Existing holds whose state changed (captured or released), with the
+    /// index of their CAPTURE row in `new_rows`.
+    pub hold_updates: Vec<(HoldRow, Option<usize>)>,
+    /// Accounts whose credits or held changed: id → (credits, held).
+    pub accounts: BTreeMap<i64, (i64, i64)>,
+}
+
+fn new_hold_id() -> String {
+    format!("hold_{:032x}", rand::random::<u128>())
+}
+
+fn expires_at(now: DateTime<Utc>, ttl: Duration) -> i64 {
+    let ttl_us = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
+    micros(now).saturating_add(ttl_us)
+}
+
+/// Decides every request of a batch, in arrival order, against the state it
+/// read; pure, so it is tested without a database. Requests repeating a key
+/// written earlier in the same batch replay that write.
+pub fn decide(requests: &[(i64, &Op)], loaded: &mut Loaded, now: DateTime<Utc>) -> Plan {
+    let now_us = micros(now);
+    let mut plan = Plan::default();
+    // Keys written in this batch → index into new_rows / new_holds.
+    let mut new_row_keys: HashMap<(i64, String, String), usize> = HashMap::new();
+    let mut new_hold_keys: HashMap<(i64, String), usize> = HashMap::new();
+    for &(account, op) in requests {
+        let Some(&(credits, held)) = plan
+            .accounts
+            .get(&account)
+            .or_else(|| loaded.accounts.get(&account))
+        else {
+            plan.answers
+                .push(Pending::Failed(BillingError::AccountNotFound(account)));
+            continue;
+        };
+        let answer = match op {
+            Op::Change(entry) => {
+                let ns = (
+                    account,
+                    entry.kind.as_str().to_owned(),
+                    entry.idempotency_key.clone(),
+                );
+                if let Some(found) = replay_row(&plan, loaded, &new_row_keys, &ns) {
+                    same_request(found, &entry.request_hash, &entry.idempotency_key)
+                } else if entry.credits < 0 && credits - held < -entry.credits {
+                    Pending::Failed(BillingError::InsufficientCredits {
+                        required: -entry.credits,
+                        available: credits - held,
+                    })
+                } else {
+                    match credits.checked_add(entry.credits) {
+                        None => Pending::Failed(BillingError::BalanceOverflow {
+                            balance: credits,
+                            credits: entry.credits,
+                        }),
+                        Some(after) => {
+                            let i = push_row(
+                                &mut plan,
+                                LedgerRow {
+                                    id: 0,
+                                    account_id: account,
+                                    kind: entry.kind.as_str().to_owned(),
+                                    credits: entry.credits,
+                                    balance_after: after,
+                                    operation: entry.operation.clone(),
+                                    quantity: i64::try_from(entry.quantity).unwrap_or(i64::MAX),
+                                    description: entry.description.clone(),
+                                    metadata: json(&entry.metadata),
+                                    idempotency_key: entry.idempotency_key.clone(),
+                                    request_hash: entry.request_hash.clone(),
+                                    actor: entry.actor.clone(),
+                                    created_at: now,
+                                    hold_id: None,
+                                    refund_of: None,
+                                },
+                            );
+                            new_row_keys.insert(ns, i);
+                            plan.accounts.insert(account, (after, held));
+                            Pending::Row(RowRef::New(i), false)
+                        }
+                    }
+                }
+            }
+            Op::Reserve(h) => {
+                let ns = (account, h.idempotency_key.clone());
+                let existing = new_hold_keys
+                    .get(&ns)
+                    .map(|&i| plan.new_holds[i].clone())
+                    .or_else(|| loaded.holds_by_key.get(&ns).cloned());
+                match existing {
+                    Some(hold) if hold.request_hash == h.request_hash => {
+                        let hold = current_hold(&plan, loaded, hold);
+                        Pending::Done(Done::Reserved {
+                            hold,
+                            available: credits - held,
+                            replayed: true,
+                        })
+                    }
+                    Some(_) => Pending::Failed(BillingError::IdempotencyKeyReused {
+                        key: h.idempotency_key.clone(),
+                    }),
+                    None if credits - held < h.credits => {
+                        Pending::Failed(BillingError::InsufficientCredits {
+                            required: h.credits,
+                            available: credits - held,
+                        })
+                    }
+                    None => {
+                        let hold = HoldRow {
+                            id: new_hold_id(),
+                            account_id: account,
+                            state: "active".to_owned(),
+                            credits: h.credits,
+                            captured_credits: 0,
+                            operation: h.operation.clone(),
+                            quantity: i64::try_from(h.quantity).unwrap_or(i64::MAX),
+                            description: h.description.clone(),
+                            metadata: json(&h.metadata),
+                            idempotency_key: h.idempotency_key.clone(),
+                            request_hash: h.request_hash.clone(),
+                            actor: h.actor.clone(),
+                            created_at: now,
+                            expires_at_us: expires_at(now, h.ttl),
+                            closed_at: None,
+                            transaction_id: None,
+                        };
+                        new_hold_keys.insert(ns, plan.new_holds.len());
+                        plan.new_holds.push(hold.clone());
+                        loaded.holds_by_id.insert(hold.id.clone(), hold.clone());
+                        plan.accounts.insert(account, (credits, held + h.credits));
+                        Pending::Done(Done::Reserved {
+                            hold,
+                            available: credits - held - h.credits,
+                            replayed: false,
+                        })
+                    }
+                }
+            }
+            Op::Capture {
+                hold_id,
+                amount,
+                actor,
+            } => match hold_of(&plan, loaded, account, hold_id) {
+                None => Pending::Failed(BillingError::HoldNotFound(hold_id.clone())),
+                Some(hold) => {
+                    let want = amount.as_ref().map_or(hold.credits, |a| a.credits);
+                    match hold.state_at(now_us) {
+                        HoldState::Active if want > hold.credits => {
+                            Pending::Failed(BillingError::CaptureExceedsHold {
+                                requested: want,
+                                held: hold.credits,
+                            })
+                        }
+                        HoldState::Active => {
+                            let after = credits - want;
+                            let (operation, quantity) = match amount {
+                                Some(CaptureAmount {
+                                    operation: Some(op),
+                                    quantity,
+                                    ..
+                                }) => (op.clone(), i64::try_from(*quantity).unwrap_or(i64::MAX)),
+                                _ => (hold.operation.clone(), hold.quantity),
+                            };
+                            let i = push_row(
+                                &mut plan,
+                                LedgerRow {
+                                    id: 0,
+                                    account_id: account,
+                                    kind: Kind::Capture.as_str().to_owned(),
+                                    credits: -want,
+                                    balance_after: after,
+                                    operation,
+                                    quantity,
+                                    description: hold.description.clone(),
+                                    metadata: hold.metadata.clone(),
+                                    idempotency_key: hold.id.clone(),
+                                    request_hash: hold.request_hash.clone(),
+                                    actor: actor.clone(),
+                                    created_at: now,
+                                    hold_id: Some(hold.id.clone()),
+                                    refund_of: None,
+                                },
+                            );
+                            let mut captured = hold.clone();
+                            captured.state = HoldState::Captured.as_str().to_owned();
+                            captured.captured_credits = want;
+                            captured.closed_at = Some(now);
+                            update_hold(&mut plan, loaded, captured.clone(), Some(i));
+                            plan.accounts.insert(account, (after, held - hold.credits));
+                            Pending::Captured(Box::new(captured), RowRef::New(i), false)
+                        }
+                        HoldState::Captured if hold.captured_credits == want => {
+                            let row = match plan.hold_updates.iter().find(|(h, _)| h.id == hold.id)
+                            {
+                                Some((_, Some(i))) => Some(RowRef::New(*i)),
+                                _ => hold
+                                    .transaction_id
+                                    .and_then(|id| loaded.rows_by_id.get(&id))
+                                    .map(|r| RowRef::Existing(Box::new(r.clone()))),
+                            };
+                            match row {
+                                Some(row) => Pending::Captured(Box::new(hold), row, true),
+                                None => Pending::Failed(BillingError::WriteFailed),
+                            }
+                        }
+                        state => Pending::Failed(BillingError::HoldNotActive {
+                            state: state.api_name(),
+                        }),
+                    }
+                }
+            },
+            Op::Release { hold_id } => match hold_of(&plan, loaded, account, hold_id) {
+                None => Pending::Failed(BillingError::HoldNotFound(hold_id.clone())),
+                Some(hold) => match hold.state_at(now_us) {
+                    HoldState::Active => {
+                        let mut released = hold.clone();
+                        released.state = HoldState::Released.as_str().to_owned();
+                        released.closed_at = Some(now);
+                        update_hold(&mut plan, loaded, released.clone(), None);
+                        plan.accounts
+                            .insert(account, (credits, held - hold.credits));
+                        Pending::Done(Done::Released {
+                            hold: released,
+                            replayed: false,
+                        })
+                    }
+                    HoldState::Released => Pending::Done(Done::Released {
+                        hold,
+                        replayed: true,
+                    }),
+                    state => Pending::Failed(BillingError::HoldNotActive {
+                        state: state.api_name(),
+                    }),
+                },
+            },
+            Op::Refund(r) => {
+                let ns = (
+                    account,
+                    Kind::Refund.as_str().to_owned(),
+                    r.idempotency_key.clone(),
+                );
+                if let Some(found) = replay_row(&plan, loaded, &new_row_keys, &ns) {
+                    same_request(found, &r.request_hash, &r.idempotency_key)
+                } else {
+                    match loaded.rows_by_id.get(&r.transaction_id) {
+                        Some(orig)
+                            if orig.account_id == account
+                                && (orig.kind == "deduct" || orig.kind == "capture") =>
+                        {
+                            let already = loaded.refunded.get(&orig.id).copied().unwrap_or(0);
+                            let refundable = (-orig.credits - already).max(0);
+                            let want = if r.credits == 0 {
+                                refundable
+                            } else {
+                                r.credits
+                            };
+                            if want == 0 || want > refundable {
+                                Pending::Failed(BillingError::RefundExceedsCharge {
+                                    requested: r.credits,
+                                    refundable,
+                                })
+                            } else {
+                                match credits.checked_add(want) {
+                                    None => Pending::Failed(BillingError::BalanceOverflow {
+                                        balance: credits,
+                                        credits: want,
+                                    }),
+                                    Some(after) => {
+                                        let i = push_row(
+                                            &mut plan,
+                                            LedgerRow {
+                                                id: 0,
+                                                account_id: account,
+                                                kind: Kind::Refund.as_str().to_owned(),
+                                                credits: want,
+                                                balance_after: after,
+                                                operation: orig.operation.clone(),
+                                                quantity: 0,
+                                                description: r.reason.clone(),
+                                                metadata: "{}".to_owned(),
+                                                idempotency_key: r.idempotency_key.clone(),
+                                                request_hash: r.request_hash.clone(),
+                                                actor: r.actor.clone(),
+                                                created_at: now,
+                                                hold_id: None,
+                                                refund_of: Some(orig.id),
+                                            },
+                                        );
+                                        loaded.refunded.insert(orig.id, already + want);
+                                        new_row_keys.insert(ns, i);
+                                        plan.accounts.insert(account, (after, held));
+                                        Pending::Row(RowRef::New(i), false)
+                                    }
+                                }
+                            }
+                        }
+                        Some(orig) if orig.account_id == account => {
+                            Pending::Failed(BillingError::NotRefundable {
+                                id: orig.id,
+                                kind: orig.kind.to_uppercase(),
+                            })
+                        }
+                        _ => Pending::Failed(BillingError::TransactionNotFound(r.transaction_id)),
+                    }
+                }
+            }
+        };
+        plan.answers.push(answer);
+    }
+    plan
+}
+
+fn json(metadata: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(metadata).expect("string maps serialize")
+}
+
+fn push_row(plan: &mut Plan, row: LedgerRow) -> usize {
+    plan.new_rows.push(NewRow { row });
+    plan.new_rows.len() - 1
+}
+
+fn replay_row(
+    plan: &Plan,
+    loaded: &Loaded,
+    new_row_keys: &HashMap<(i64, String, String), usize>,
+    ns: &(i64, String, String),
+) -> Option<(RowRef, String)> {
+    if let Some(&i) = new_row_keys.get(ns) {
+        return Some((RowRef::New(i), plan.new_rows[i].row.request_hash.clone()));
+    }
+    loaded.rows_by_key.get(ns).map(|row| {
+        (
+            RowRef::Existing(Box::new(row.clone())),
+            row.request_hash.clone(),
+        )
+    })
+}
+
+fn same_request(found: (RowRef, String), request_hash: &str, key: &str) -> Pending {
+    let (row, stored_hash) = found;
+    if stored_hash == request_hash {
+        Pending::Row(row, true)
+    } else {
+        Pending::Failed(BillingError::IdempotencyKeyReused {
+            key: key.to_owned(),
+        })
+    }
+}
+
+fn hold_of(plan: &Plan, loaded: &Loaded, account: i64, id: &str) -> Option<HoldRow> {
+    let hold = plan
+        .hold_updates
+        .iter()
+        .rev()
+        .find(|(h, _)| h.id == id)
+        .map(|(h, _)| h.clone())
+        .or_else(|| loaded.holds_by_id.get(id).cloned())?;
+    (hold.account_id == account).then_some(hold)
+}
+
+fn current_hold(plan: &Plan, loaded: &Loaded, hold: HoldRow) -> HoldRow {
+    hold_of(plan, loaded, hold.account_id, &hold.id).unwrap_or(hold)
+}
+
+fn update_hold(plan: &mut Plan, loaded: &mut Loaded, hold: HoldRow, row: Option<usize>) {
+    // A hold placed in this same batch is inserted in its final state.
+    if let Some(new) = plan.new_holds.iter_mut().find(|h| h.id == hold.id) {
+        *new = hold.clone();
+        if let Some(i) = row {
+            plan.hold_updates.retain(|(h, _)| h.id != hold.id);
+            plan.hold_updates.push((hold.clone(), Some(i)));
+        }
+        loaded.holds_by_id.insert(hold.id.clone(), hold);
+        return;
+    }
+    plan.hold_updates.retain(|(h, _)| h.id != hold.id);
+    loaded.holds_by_id.insert(hold.id.clone(), hold.clone());
+    plan.hold_updates.push((hold, row));
+}
+
+// ---------------------------------------------------------------------------
+// The batch transaction.
+
+/// Dynamic SQL with numbered placeholders (`$1`, `$2`, …) that both
+/// backends accept, and the values to bind in order.
+#[derive(Default)]
+struct Sql {
+    text: String,
+    args: Vec<Arg>,
+}
+
+#[derive(Debug, Clone)]
+enum Arg {
+    I64(i64),
+    Text(String),
+    OptText(Option<String>),
+    OptI64(Option<i64>),
+    Time(DateTime<Utc>),
+    OptTime(Option<DateTime<Utc>>),
+}
+
+impl Sql {
+    fn new(text: &str) -> Self {
+        Self {
+            text: text.to_owned(),
+            args: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    fn arg(&mut self, arg: Arg) -> &mut Self {
+        self.args.push(arg);
+        let _ = write!(self.text, "${}", self.args.len());
+        self
+    }
+
+    /// `$a, $b, …` for each value.
+    fn list(&mut self, args: impl IntoIterator<Item = Arg>) -> &mut Self {
+        for (i, arg) in args.into_iter().enumerate() {
+            if i > 0 {
+                self.text.push_str(", ");
+            }
+            self.arg(arg);
+        }
+        self
+    }
+}
+
+/// Binds every argument of a [`Sql`] to a query of either backend.
+macro_rules! bind_all {
+    ($query:expr, $args:expr) => {{
+        let mut q = $query;
+        for arg in $args {
+            q = match arg {
+                Arg::I64(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+                Arg::OptText(v) => q.bind(v),
+                Arg::OptI64(v) => q.bind(v),
+                Arg::Time(v) => q.bind(v),
+                Arg::OptTime(v) => q.bind(v),
+            };
+        }
+        q
+    }};
+}
+
+/// The SQL of one batch's reads, built from what it needs.
+struct Reads {
+    sweep: Sql,
+    rows_by_key: Option<Sql>,
+    holds_by_key: Option<Sql>,
+    holds_by_id: Option<Sql>,
+}
+
+/// Locks the batch's accounts in id order (on SQLite `BEGIN IMMEDIATE`
+/// already holds the one write lock).
+fn lock_accounts(backend: Backend, requests: &[(i64, &Op)]) -> Sql {
+    let accounts: BTreeSet<i64> = requests.iter().map(|(a, _)| *a).collect();
+    let mut lock = Sql::new("SELECT id, credits, held FROM accounts WHERE id IN (");
+    lock.list(accounts.iter().map(|a| Arg::I64(*a)))
+        .push(") ORDER BY id");
+    if backend == Backend::Postgres {
+        lock.push(" FOR UPDATE");
+    }
+    lock
+}
+
+fn reads(requests: &[(i64, &Op)], now: DateTime<Utc>) -> Reads {
+    let accounts: BTreeSet<i64> = requests.iter().map(|(a, _)| *a).collect();
+    let mut sweep = Sql::new("UPDATE credit_holds SET state = 'expired', closed_at = ");
+    sweep
+        .arg(Arg::Time(now))
+        .push(" WHERE state = 'active' AND expires_at_us <= ")
+        .arg(Arg::I64(micros(now)))
+        .push(" AND account_id IN (")
+        .list(accounts.iter().map(|a| Arg::I64(*a)))
+        .push(") RETURNING account_id, credits");
+
+    let mut row_keys = Vec::new();
+    let mut hold_keys = Vec::new();
+    let mut hold_ids = BTreeSet::new();
+    for (account, op) in requests {
+        match op {
+            Op::Change(e) => row_keys.push((*account, e.kind.as_str(), e.idempotency_key.clone())),
+            Op::Refund(r) => row_keys.push((*account, "refund", r.idempotency_key.clone())),
+            Op::Reserve(h) => hold_keys.push((*account, h.idempotency_key.clone())),
+            Op::Capture { hold_id, .. } | Op::Release { hold_id } => {
+                hold_ids.insert(hold_id.clone());
+            }
+        }
+    }
+    let rows_by_key = (!row_keys.is_empty()).then(|| {
+        let mut sql = Sql::new(concat!(
+            "SELECT ",
+            ledger_columns!(),
+            " FROM credit_ledger WHERE "
+        ));
+        for (i, (account, kind, key)) in row_keys.into_iter().enumerate() {
+            if i > 0 {
+                sql.push(" OR ");
+            }
+            sql.push("(account_id = ")
+                .arg(Arg::I64(account))
+                .push(" AND kind = ")
+                .arg(Arg::Text(kind.to_owned()))
+                .push(" AND idempotency_key = ")
+                .arg(Arg::Text(key))
+                .push(")");
+        }
+        sql
+    });
+    let holds_by_key = (!hold_keys.is_empty()).then(|| {
+        let mut sql = Sql::new(concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM credit_holds WHERE "
+        ));
+        for (i, (account, key)) in hold_keys.into_iter().enumerate() {
+            if i > 0 {
+                sql.push(" OR ");
+            }
+            sql.push("(account_id = ")
+                .arg(Arg::I64(account))
+                .push(" AND idempotency_key = ")
+                .arg(Arg::Text(key))
+                .push(")");
+        }
+        sql
+    });
+    let holds_by_id = (!hold_ids.is_empty()).then(|| {
+        let mut sql = Sql::new(concat!(
+            "SELECT ",
+            hold_columns!(),
+            " FROM credit_holds WHERE id IN ("
+        ));
+        sql.list(hold_ids.into_iter().map(Arg::Text)).push(")");
+        sql
+    });
+    Reads {
+        sweep,
+        rows_by_key,
+        holds_by_key,
+        holds_by_id,
+    }
+}
+
+/// Row ids the batch must read after the holds are known: refund targets and
+/// captured holds' rows.
+fn row_ids_needed(requests: &[(i64, &Op)], loaded: &Loaded) -> BTreeSet<i64> {
+    let mut ids = BTreeSet::new();
+    for (_, op) in requests {
+        match op {
+            Op::Refund(r) => {
+                ids.insert(r.transaction_id);
+            }
+            Op::Capture { hold_id, .. } => {
+                if let Some(id) = loaded
+                    .holds_by_id
+                    .get(hold_id)
+                    .and_then(|h| h.transaction_id)
+                {
+                    ids.insert(id);
+                }
+            }
+            _ => {}
+        }
+    }
+    ids
+}
+
+fn refunds_needed(requests: &[(i64, &Op)]) -> BTreeSet<i64> {
+    requests
+        .iter()
+        .filter_map(|(_, op)| match op {
+            Op::Refund(r) => Some(r.transaction_id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn insert_rows(plan: &Plan) -> Option<Sql> {
+    if plan.new_rows.is_empty() {
+        return None;
+    }
+    let mut sql = Sql::new(
+        "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, operation, \
+         quantity, description, metadata, idempotency_key, request_hash, actor, created_at, \
+         hold_id, refund_of) VALUES ",
+    );
+    for (i, NewRow { row }) in plan.new_rows.iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.push("(")
+            .list([
+                Arg::I64(row.account_id),
+                Arg::Text(row.kind.clone()),
+                Arg::I64(row.credits),
+                Arg::I64(row.balance_after),
+                Arg::Text(row.operation.clone()),
+                Arg::I64(row.quantity),
+                Arg::Text(row.description.clone()),
+                Arg::Text(row.metadata.clone()),
+                Arg::Text(row.idempotency_key.clone()),
+                Arg::Text(row.request_hash.clone()),
+                Arg::Text(row.actor.clone()),
+                Arg::Time(row.created_at),
+                Arg::OptText(row.hold_id.clone()),
+                Arg::OptI64(row.refund_of),
+            ])
+            .push(")");
+    }
+    sql.push(concat!(" RETURNING ", ledger_columns!()));
+    Some(sql)
+}
+
+fn hold_args(h: &HoldRow, transaction_id: Option<i64>) -> [Arg; 16] {
+    [
+        Arg::Text(h.id.clone()),
+        Arg::I64(h.account_id),
+        Arg::Text(h.state.clone()),
+        Arg::I64(h.credits),
+        Arg::I64(h.captured_credits),
+        Arg::Text(h.operation.clone()),
+        Arg::I64(h.quantity),
+        Arg::Text(h.description.clone()),
+        Arg::Text(h.metadata.clone()),
+        Arg::Text(h.idempotency_key.clone()),
+        Arg::Text(h.request_hash.clone()),
+        Arg::Text(h.actor.clone()),
+        Arg::Time(h.created_at),
+        Arg::I64(h.expires_at_us),
+        Arg::OptTime(h.closed_at),
+        Arg::OptI64(transaction_id.or(h.transaction_id)),
+    ]
+}
+
+/// New holds are inserted after the ledger rows, in their final state (a
+/// hold placed and captured in one batch carries its CAPTURE row id).
+fn insert_holds(plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
+    if plan.new_holds.is_empty() {
+        return None;
+    }
+    let mut sql = Sql::new(concat!(
+        "INSERT INTO credit_holds (",
+        hold_columns!(),
+        ") VALUES "
+    ));
+    for (i, h) in plan.new_holds.iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        let tx = capture_row_of(plan, &h.id).map(|r| row_ids[r]);
+        sql.push("(").list(hold_args(h, tx)).push(")");
+    }
+    Some(sql)
+}
+
+fn capture_row_of(plan: &Plan, hold_id: &str) -> Option<usize> {
+    plan.hold_updates
+        .iter()
+        .find(|(h, _)| h.id == hold_id)
+        .and_then(|(_, r)| *r)
+}
+
+/// Existing holds that changed: one `UPDATE … CASE` over all of them.
+fn update_holds(plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
+    let changed: Vec<&(HoldRow, Option<usize>)> = plan
+        .hold_updates
+        .iter()
+        .filter(|(h, _)| !plan.new_holds.iter().any(|n| n.id == h.id))
+        .collect();
+    if changed.is_empty() {
+        return None;
+    }
+    let mut sql = Sql::new("UPDATE credit_holds SET state = CASE id");
+    for (h, _) in &changed {
+        sql.push(" WHEN ")
+            .arg(Arg::Text(h.id.clone()))
+            .push(" THEN ")
+            .arg(Arg::Text(h.state.clone()));
+    }
+    sql.push(" END, captured_credits = CASE id");
+    for (h, _) in &changed {
+        sql.push(" WHEN ")
+            .arg(Arg::Text(h.id.clone()))
+            .push(" THEN ")
+            .arg(Arg::I64(h.captured_credits));
+    }
+    sql.push(" END, transaction_id = CASE id");
+    for (h, row) in &changed {
+        sql.push(" WHEN ")
+            .arg(Arg::Text(h.id.clone()))
+            .push(" THEN ")
+            .arg(Arg::OptI64(row.map(|r| row_ids[r]).or(h.transaction_id)));
+    }
+    sql.push(" END, closed_at = CASE id");
+    for (h, _) in &changed {
+        sql.push(" WHEN ")
+            .arg(Arg::Text(h.id.clone()))
+            .push(" THEN ")
+            .arg(Arg::OptTime(h.closed_at));
+    }
+    sql.push(" END WHERE id IN (")
+        .list(changed.iter().map(|(h, _)| Arg::Text(h.id.clone())))
+        .push(")");
+    Some(sql)
+}
+
+fn update_accounts(plan: &Plan, now: DateTime<Utc>) -> Option<Sql> {
+    if plan.accounts.is_empty() {
+        return None;
+    }
+    let mut sql = Sql::new("UPDATE accounts SET credits = CASE id");
+    for (id, (credits, _)) in &plan.accounts {
+        sql.push(" WHEN ")
+            .arg(Arg::I64(*id))
+            .push(" THEN ")
+            .arg(Arg::I64(*credits));
+    }
+    sql.push(" END, held = CASE id");
+    for (id, (_, held)) in &plan.accounts {
+        sql.push(" WHEN ")
+            .arg(Arg::I64(*id))
+            .push(" THEN ")
+            .arg(Arg::I64(*held));
+    }
+    sql.push(" END, updated_at = ")
+        .arg(Arg::Time(now))
+        .push(" WHERE id IN (")
+        .list(plan.accounts.keys().map(|id| Arg::I64(*id)))
+        .push(")");
+    Some(sql)
+}
+
+/// `pg_notify('igny8_balance', '<account>')` once per changed account.
+fn notify(backend: Backend, accounts: &[i64]) -> Option<Sql> {
+    if backend != Backend::Postgres || accounts.is_empty() {
+        return None;
+    }
+    let mut sql = Sql::new("SELECT pg_notify('");
+    sql.push(crate::BALANCE_CHANNEL).push("', n) FROM (VALUES ");
+    for (i, a) in accounts.iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.push("(").arg(Arg::Text(a.to_string())).push(")");
+    }
+    sql.push(") AS v(n)");
+    Some(sql)
+}
+
+type Answers = Vec<Result<Done, BillingError>>;
+
+/// One transaction for the whole batch. `Err` means it was rolled back and
+/// nothing in it happened.
+async fn apply_batch(
+    db: &Db,
+    requests: &[(i64, &Op)],
+    clock: &Clock,
+) -> Result<(Answers, Vec<i64>), sqlx::Error> {
+    let backend = db.backend();
+    on_pool!(db, pool => {
+        let mut tx = pool.begin_write().await?;
+        // The time is taken once the accounts are locked, so every decision
+        // about expiry is made under the lock that orders it.
+        let lock = lock_accounts(backend, requests);
+        let locked: Vec<(i64, i64, i64)> =
+            bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(lock.text)), lock.args).fetch_all(&mut *tx).await?;
+        // Microseconds: what both backends store, so answers built in memory
+        // equal what a later read returns.
+        let now = clock();
+        let now = DateTime::from_timestamp_micros(micros(now)).unwrap_or(now);
+        let r = reads(requests, now);
+        let mut loaded = Loaded {
+            accounts: locked.iter().map(|&(id, c, h)| (id, (c, h))).collect(),
+            ..Loaded::default()
+        };
+        let mut swept_accounts = BTreeSet::new();
+        if locked.iter().any(|&(_, _, held)| held > 0) {
+            let swept: Vec<(i64, i64)> =
+                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(r.sweep.text)), r.sweep.args).fetch_all(&mut *tx).await?;
+            for (account, credits) in swept {
+                if let Some(a) = loaded.accounts.get_mut(&account) {
+                    a.1 -= credits;
+                    swept_accounts.insert(account);
+                }
+            }
+        }
+        if let Some(sql) = r.rows_by_key {
+            let rows: Vec<LedgerRow> =
+                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+            for row in rows {
+                loaded
+                    .rows_by_key
+                    .insert((row.account_id, row.kind.clone(), row.idempotency_key.clone()), row);
+            }
+        }
+        if let Some(sql) = r.holds_by_key {
+            let holds: Vec<HoldRow> =
+                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+            for hold in holds {
+                loaded
+                    .holds_by_key
+                    .insert((hold.account_id, hold.idempotency_key.clone()), hold.clone());
+                loaded.holds_by_id.insert(hold.id.clone(), hold);
+            }
+        }
+        if let Some(sql) = r.holds_by_id {
+            let holds: Vec<HoldRow> =
+                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+            for hold in holds {
+                loaded.holds_by_id.insert(hold.id.clone(), hold);
+            }
+        }
+        let ids = row_ids_needed(requests, &loaded);
+        if !ids.is_empty() {
+            let mut sql = Sql::new(concat!("SELECT ", ledger_columns!(), " FROM credit_ledger WHERE id IN ("));
+            sql.list(ids.iter().map(|id| Arg::I64(*id))).push(")");
+            let rows: Vec<LedgerRow> =
+                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+            for row in rows {
+                loaded.rows_by_id.insert(row.id, row);
+            }
+        }
+        let refunds = refunds_needed(requests);
+        if !refunds.is_empty() {
+            let mut sql = Sql::new(
+                "SELECT refund_of, CAST(SUM(credits) AS BIGINT) FROM credit_ledger WHERE refund_of IN (",
+            );
+            sql.list(refunds.iter().map(|id| Arg::I64(*id))).push(") GROUP BY refund_of");
+            let sums: Vec<(i64, i64)> =
+                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+            loaded.refunded.extend(sums);
+        }
+
+        let mut plan = decide(requests, &mut loaded, now);
+        // Swept holds leave `held` even when nothing else changed the account.
+        for account in swept_accounts {
+            if let Some(&state) = loaded.accounts.get(&account) {
+                plan.accounts.entry(account).or_insert(state);
+            }
+        }
+
+        let mut inserted: Vec<LedgerRow> = Vec::new();
+        if let Some(sql) = insert_rows(&plan) {
+            inserted = bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+        }
+        let row_ids = match_inserted(&plan, &inserted)?;
+        let changed: Vec<i64> = plan.accounts.keys().copied().collect();
+        for sql in [
+            insert_holds(&plan, &row_ids),
+            update_holds(&plan, &row_ids),
+            update_accounts(&plan, now),
+            notify(backend, &changed),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql.text)), sql.args).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok((resolve(plan, &inserted, &row_ids), changed))
+    })
+}
+
+/// The inserted rows, in the plan's order (RETURNING order is not
+/// guaranteed, so rows are matched by their unique key).
+fn match_inserted(plan: &Plan, inserted: &[LedgerRow]) -> Result<Vec<i64>, sqlx::Error> {
+    let by_key: HashMap<(i64, &str, &str), i64> = inserted
+        .iter()
+        .map(|r| {
+            (
+                (r.account_id, r.kind.as_str(), r.idempotency_key.as_str()),
+                r.id,
+            )
+        })
+        .collect();
+    plan.new_rows
+        .iter()
+        .map(|NewRow { row }| {
+            by_key
+                .get(&(
+                    row.account_id,
+                    row.kind.as_str(),
+                    row.idempotency_key.as_str(),
+                ))
+                .copied()
+                .ok_or(sqlx::Error::RowNotFound)
+        })
+        .collect()
+}
+
+fn resolve(mut plan: Plan, inserted: &[LedgerRow], row_ids: &[i64]) -> Answers {
+    let pending_answers = std::mem::take(&mut plan.answers);
+    let by_id: HashMap<i64, &LedgerRow> = inserted.iter().map(|r| (r.id, r)).collect();
+    let row = |r: RowRef| -> LedgerRow {
+        match r {
+            RowRef::Existing(row) => *row,
+            RowRef::New(i) => by_id
+                .get(&row_ids[i])
+                .map(|r| (*r).clone())
+                .unwrap_or_else(|| plan.new_rows[i].row.clone()),
+        }
+    };
+    pending_answers
+        .into_iter()
+        .map(|pending| match pending {
+            Pending::Done(done) => Ok(done),
+            Pending::Failed(e) => Err(e),
+            Pending::Row(r, replayed) => Ok(Done::Row {
+                row: row(r),
+                replayed,
+            }),
+            Pending::Captured(hold, r, replayed) => {
+                let row = row(r);
+                let mut hold = *hold;
+                hold.transaction_id = Some(row.id);
+                Ok(Done::Captured {
+                    hold,
+                    row,
+                    replayed,
+                })
+            }
+        })
+        .collect()
+}
