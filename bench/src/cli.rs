@@ -42,7 +42,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "baseline,deduct-hot,deduct-spread,cost,check-module"
+        default_value = "baseline,deduct-hot,deduct-hot-unbatched,deduct-spread,deduct-spread-unbatched,cost,check-module"
     )]
     pub scenarios: Vec<Scenario>,
 
@@ -135,8 +135,14 @@ pub enum Scenario {
     Baseline,
     /// Every caller deducts 1 credit from the same account.
     DeductHot,
+    /// `deduct-hot` on a second billing server whose ledger writer applies
+    /// one request per transaction (`IGNY8_LEDGER_MAX_BATCH=1`): the same
+    /// code without batching.
+    DeductHotUnbatched,
     /// Callers deduct 1 credit from accounts picked at random among 1,000.
     DeductSpread,
+    /// `deduct-spread` with `IGNY8_LEDGER_MAX_BATCH=1`.
+    DeductSpreadUnbatched,
     /// `GetCreditCost`, auth included.
     Cost,
     /// `CheckModule` on settings-svc, auth included.
@@ -149,19 +155,46 @@ impl Scenario {
         match self {
             Scenario::Baseline => "baseline",
             Scenario::DeductHot => "deduct-hot",
+            Scenario::DeductHotUnbatched => "deduct-hot-unbatched",
             Scenario::DeductSpread => "deduct-spread",
+            Scenario::DeductSpreadUnbatched => "deduct-spread-unbatched",
             Scenario::Cost => "cost",
             Scenario::CheckModule => "check-module",
         }
+    }
+
+    /// Whether the scenario deducts (and so is verified afterwards).
+    pub fn deducts(self) -> bool {
+        self.batched().is_some()
+    }
+
+    /// For a deduct scenario, the same scenario with batching on.
+    pub fn batched(self) -> Option<Scenario> {
+        match self {
+            Scenario::DeductHot | Scenario::DeductHotUnbatched => Some(Scenario::DeductHot),
+            Scenario::DeductSpread | Scenario::DeductSpreadUnbatched => {
+                Some(Scenario::DeductSpread)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the scenario runs on the `IGNY8_LEDGER_MAX_BATCH=1` server.
+    pub fn unbatched(self) -> bool {
+        matches!(
+            self,
+            Scenario::DeductHotUnbatched | Scenario::DeductSpreadUnbatched
+        )
     }
 
     /// The RPC the scenario calls.
     pub fn rpc(self) -> &'static str {
         match self {
             Scenario::Baseline => "grpc.health.v1.Health/Check",
-            Scenario::DeductHot | Scenario::DeductSpread => {
-                "igny8.billing.v1.BillingService/Deduct"
-            }
+            Scenario::DeductHot
+            | Scenario::DeductHotUnbatched
+            | Scenario::DeductSpread
+            | Scenario::DeductSpreadUnbatched => "igny8.billing.v1.BillingService/Deduct",
             Scenario::Cost => "igny8.billing.v1.BillingService/GetCreditCost",
             Scenario::CheckModule => "igny8.settings.v1.SettingsService/CheckModule",
         }
@@ -236,7 +269,9 @@ mod tests {
             [
                 Scenario::Baseline,
                 Scenario::DeductHot,
+                Scenario::DeductHotUnbatched,
                 Scenario::DeductSpread,
+                Scenario::DeductSpreadUnbatched,
                 Scenario::Cost,
                 Scenario::CheckModule,
             ]

@@ -22,8 +22,12 @@ mod scenarios;
 
 use std::{process::ExitCode, time::Duration};
 
+use billing_svc::{BillingOptions, writer::WriterConfig};
 use clap::Parser;
-use igny8_tests::{Running, TestDb, spawn_billing_with, spawn_settings_with, test_config};
+use igny8_tests::{
+    Running, TestDb, spawn_billing_with, spawn_billing_with_options, spawn_settings_with,
+    test_config,
+};
 
 use crate::{
     baseline::Baseline,
@@ -98,14 +102,18 @@ async fn run(args: &Args) -> Result<Report, String> {
         duration: args.duration,
     };
     let wants = |s: Scenario| scenarios.contains(&s);
-    let needs_hot =
-        wants(Scenario::DeductHot) || wants(Scenario::Cost) || wants(Scenario::CheckModule);
-    let needs_spread = wants(Scenario::DeductSpread);
-    let needs_billing =
-        wants(Scenario::DeductHot) || wants(Scenario::DeductSpread) || wants(Scenario::Cost);
+    let needs_hot = wants(Scenario::DeductHot)
+        || wants(Scenario::DeductHotUnbatched)
+        || wants(Scenario::Cost)
+        || wants(Scenario::CheckModule);
+    let needs_spread = wants(Scenario::DeductSpread) || wants(Scenario::DeductSpreadUnbatched);
+    let needs_billing = scenarios
+        .iter()
+        .any(|s| (s.deducts() && !s.unbatched()) || *s == Scenario::Cost);
+    let needs_unbatched = scenarios.iter().any(|s| s.unbatched());
     let needs_settings = wants(Scenario::CheckModule);
 
-    let db = if needs_billing || needs_settings {
+    let db = if needs_billing || needs_unbatched || needs_settings {
         progress(format!("creating a fresh {} database", args.backend.name()));
         let db = TestDb::new(args.backend.harness()).await;
         if needs_hot {
@@ -124,6 +132,21 @@ async fn run(args: &Args) -> Result<Report, String> {
     };
     let billing = match &db {
         Some(db) if needs_billing => Some(spawn_billing_with(test_config(&db.url)).await),
+        _ => None,
+    };
+    // The same billing code whose ledger writer applies one request per
+    // transaction, as with IGNY8_LEDGER_MAX_BATCH=1.
+    let unbatched = match &db {
+        Some(db) if needs_unbatched => {
+            let backend = igny8_db::Backend::of_url(&db.url).map_err(|e| e.to_string())?;
+            let ledger = WriterConfig::from_lookup(backend, |name| {
+                (name == "IGNY8_LEDGER_MAX_BATCH").then(|| "1".to_owned())
+            })?;
+            let options = BillingOptions {
+                ledger: Some(ledger),
+            };
+            Some(spawn_billing_with_options(test_config(&db.url), options).await)
+        }
         _ => None,
     };
     let settings = match &db {
@@ -150,6 +173,7 @@ async fn run(args: &Args) -> Result<Report, String> {
         let addr = match scenario {
             Scenario::Baseline => baseline.as_ref().expect("started above").addr,
             Scenario::DeductHot | Scenario::DeductSpread | Scenario::Cost => addr_of(&billing),
+            Scenario::DeductHotUnbatched | Scenario::DeductSpreadUnbatched => addr_of(&unbatched),
             Scenario::CheckModule => addr_of(&settings),
         };
         let first = match args.rate {
@@ -157,9 +181,8 @@ async fn run(args: &Args) -> Result<Report, String> {
             None => Mode::Closed,
         };
         let report = bench.measure(scenario, addr, first).await?;
-        let half_peak = (args.open_loop_at_half_peak
-            && matches!(scenario, Scenario::DeductHot | Scenario::DeductSpread))
-        .then_some(report.requests_per_sec / 2.0);
+        let half_peak = (args.open_loop_at_half_peak && scenario.deducts())
+            .then_some(report.requests_per_sec / 2.0);
         reports.push(report);
         match half_peak {
             Some(rate) if rate > 0.0 => {
@@ -175,7 +198,7 @@ async fn run(args: &Args) -> Result<Report, String> {
     }
 
     // Stop the servers before the database goes away with `db`.
-    for server in [billing, settings].into_iter().flatten() {
+    for server in [billing, unbatched, settings].into_iter().flatten() {
         stop(server).await;
     }
     if let Some(baseline) = baseline
@@ -256,7 +279,7 @@ impl Bench<'_> {
                     .await;
                 ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
             }
-            Scenario::DeductHot => {
+            Scenario::DeductHot | Scenario::DeductHotUnbatched => {
                 let callers = deduct_hot_callers(&channels, callers, per, run);
                 let m = self.drive(callers, 1, mode).await;
                 add(&mut self.hot_charged, &m.charged);
@@ -264,7 +287,7 @@ impl Bench<'_> {
                 let v = verify(db, &[HOT_ACCOUNT], HOT_CREDITS, &self.hot_charged).await;
                 ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
             }
-            Scenario::DeductSpread => {
+            Scenario::DeductSpread | Scenario::DeductSpreadUnbatched => {
                 let accounts = spread_accounts();
                 let callers = deduct_spread_callers(&channels, callers, per, run);
                 let m = self.drive(callers, accounts.len(), mode).await;

@@ -27,8 +27,24 @@ pub struct Report {
     pub cpus: usize,
     /// One entry per scenario, in run order.
     pub scenarios: Vec<ScenarioReport>,
+    /// For each deduct scenario run both ways (closed loop): batched
+    /// throughput over `IGNY8_LEDGER_MAX_BATCH=1` throughput.
+    pub batching_gains: Vec<BatchingGain>,
     /// Every deduct verification passed (true when none ran).
     pub verification_passed: bool,
+}
+
+/// What batching bought one deduct scenario, within one run.
+#[derive(Debug, Serialize)]
+pub struct BatchingGain {
+    /// `deduct-hot` or `deduct-spread`.
+    pub scenario: &'static str,
+    /// req/s with the default ledger writer.
+    pub batched_per_sec: f64,
+    /// req/s with one request per transaction.
+    pub unbatched_per_sec: f64,
+    /// `batched_per_sec / unbatched_per_sec`.
+    pub ratio: f64,
 }
 
 /// How a scenario's calls were started.
@@ -180,6 +196,24 @@ impl Report {
                 s.ratio_to_baseline = Some(s.requests_per_sec / baseline);
             }
         }
+        let closed = |name: &str| {
+            scenarios
+                .iter()
+                .find(|s| s.name == name && s.load == Mode::Closed)
+        };
+        let batching_gains = scenarios
+            .iter()
+            .filter(|s| s.load == Mode::Closed)
+            .filter_map(|batched| {
+                let unbatched = closed(&format!("{}-unbatched", batched.name))?;
+                (unbatched.requests_per_sec > 0.0).then(|| BatchingGain {
+                    scenario: batched.name,
+                    batched_per_sec: batched.requests_per_sec,
+                    unbatched_per_sec: unbatched.requests_per_sec,
+                    ratio: batched.requests_per_sec / unbatched.requests_per_sec,
+                })
+            })
+            .collect();
         let verification_passed = scenarios
             .iter()
             .filter_map(|s| s.verification.as_ref())
@@ -194,6 +228,7 @@ impl Report {
             duration_secs: duration.as_secs_f64(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             scenarios,
+            batching_gains,
             verification_passed,
         }
     }
@@ -277,6 +312,13 @@ impl Report {
                     let _ = writeln!(out, "         {label}: {message}");
                 }
             }
+        }
+        for g in &self.batching_gains {
+            let _ = writeln!(
+                out,
+                "batching {}: {:.1}× the same scenario with IGNY8_LEDGER_MAX_BATCH=1 ({:.1} vs {:.1} req/s)",
+                g.scenario, g.ratio, g.batched_per_sec, g.unbatched_per_sec
+            );
         }
         for s in &self.scenarios {
             if let Some(lag) = s.start_lag_ms {
