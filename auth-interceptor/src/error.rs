@@ -15,6 +15,13 @@ pub enum AuthError {
     /// No `authorization` metadata.
     #[error("missing credentials: send `authorization: Bearer <jwt>` metadata")]
     MissingToken,
+    /// `authorization` is `Bearer` with nothing after it: usually a shell
+    /// variable meant to hold the token is unset.
+    #[error(
+        "the bearer token is empty: `authorization: Bearer` carried no token (is the variable \
+         holding it set? `igny8ctl dev` prints `export IGNY8_TOKEN=…`)"
+    )]
+    EmptyToken,
     /// `authorization` is not `Bearer <token>`.
     #[error("malformed authorization metadata: expected `Bearer <jwt>`")]
     MalformedAuthorization,
@@ -70,6 +77,17 @@ pub enum AuthError {
     /// The act-as header is not a positive integer.
     #[error("x-igny8-act-as-account must be one positive integer account id")]
     InvalidActAs,
+    /// A long-lived call's caller now belongs to another account than the
+    /// one the call acts on (found by a recheck).
+    #[error(
+        "the caller no longer belongs to account {was}; reopen the call to act on the current account"
+    )]
+    AccountChanged {
+        /// The account the call acts on.
+        was: i64,
+        /// The caller's account now, if any.
+        now: Option<i64>,
+    },
     /// The directory could not be read; never a silent allow.
     #[error("the user directory is unavailable; retry later")]
     DirectoryUnavailable(String),
@@ -83,6 +101,7 @@ impl AuthError {
     pub fn code(&self) -> Code {
         match self {
             AuthError::MissingToken
+            | AuthError::EmptyToken
             | AuthError::MalformedAuthorization
             | AuthError::TokenTooLarge(_)
             | AuthError::InvalidToken(_)
@@ -93,7 +112,8 @@ impl AuthError {
             | AuthError::AccountSuspended { .. }
             | AuthError::ActAsForbidden
             | AuthError::RoleNotAllowed { .. }
-            | AuthError::OwnAccount { .. } => Code::PermissionDenied,
+            | AuthError::OwnAccount { .. }
+            | AuthError::AccountChanged { .. } => Code::PermissionDenied,
             AuthError::ActAsRequired { .. } | AuthError::InvalidActAs => Code::InvalidArgument,
             AuthError::DirectoryUnavailable(_) => Code::Unavailable,
             AuthError::UnknownMethod(_) => Code::Unimplemented,
@@ -104,7 +124,7 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::MissingToken => "MISSING_CREDENTIALS",
-            AuthError::MalformedAuthorization => "MALFORMED_CREDENTIALS",
+            AuthError::EmptyToken | AuthError::MalformedAuthorization => "MALFORMED_CREDENTIALS",
             AuthError::TokenTooLarge(_) => "TOKEN_TOO_LARGE",
             AuthError::InvalidToken(_) => "INVALID_TOKEN",
             AuthError::UserInactive(_) => "USER_INACTIVE",
@@ -115,6 +135,7 @@ impl AuthError {
             AuthError::ActAsForbidden => "ACT_AS_FORBIDDEN",
             AuthError::RoleNotAllowed { .. } => "ROLE_NOT_ALLOWED",
             AuthError::OwnAccount { .. } => "OWN_ACCOUNT_FORBIDDEN",
+            AuthError::AccountChanged { .. } => "ACCOUNT_CHANGED",
             AuthError::ActAsRequired { .. } => "ACT_AS_REQUIRED",
             AuthError::InvalidActAs => "INVALID_ACT_AS",
             AuthError::DirectoryUnavailable(_) => "DIRECTORY_UNAVAILABLE",
@@ -169,6 +190,7 @@ mod tests {
     fn each_error_has_its_code() {
         let table = [
             (AuthError::MissingToken, Code::Unauthenticated),
+            (AuthError::EmptyToken, Code::Unauthenticated),
             (AuthError::MalformedAuthorization, Code::Unauthenticated),
             (AuthError::TokenTooLarge(9000), Code::Unauthenticated),
             (AuthError::InvalidToken("x".into()), Code::Unauthenticated),
@@ -200,6 +222,13 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (AuthError::InvalidActAs, Code::InvalidArgument),
+            (
+                AuthError::AccountChanged {
+                    was: 1,
+                    now: Some(2),
+                },
+                Code::PermissionDenied,
+            ),
             (
                 AuthError::DirectoryUnavailable("down".into()),
                 Code::Unavailable,

@@ -12,9 +12,15 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use crate::{
-    context::AuthContext, directory::Directory, error::AuthError, metrics::AuthMetrics,
-    policy::Policy, resolve::Resolver, secret::BearerToken, token_cache::TOKEN_CACHE_CAPACITY,
-    token_cache::TokenCache, verify::TokenVerifier,
+    context::AuthContext,
+    directory::Directory,
+    error::AuthError,
+    metrics::AuthMetrics,
+    policy::Policy,
+    resolve::{Recheck, Resolver},
+    secret::BearerToken,
+    token_cache::{TOKEN_CACHE_CAPACITY, TokenCache},
+    verify::{TokenVerifier, VerifiedToken},
 };
 
 /// Metadata names the layer reads and writes.
@@ -49,7 +55,7 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// An authenticator with the SPEC §2.3 policy.
+    /// An authenticator with the policy of docs/api.md, "Roles and permissions".
     pub fn new(
         verifier: TokenVerifier,
         directory: Arc<dyn Directory>,
@@ -69,7 +75,17 @@ impl Authenticator {
         path: &str,
         headers: &HeaderMap,
     ) -> Result<AuthContext, AuthError> {
-        let result = self.authenticate_inner(path, headers).await;
+        self.admit(path, headers).await.map(|(ctx, _)| ctx)
+    }
+
+    /// [`Authenticator::authenticate`], plus what it takes to decide again
+    /// later ([`Recheck`]).
+    pub async fn admit(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<(AuthContext, Recheck), AuthError> {
+        let result = self.admit_inner(path, headers).await;
         match &result {
             Ok(_) => self.metrics.outcome("ok"),
             Err(e) => self.metrics.outcome(e.outcome()),
@@ -77,11 +93,11 @@ impl Authenticator {
         result
     }
 
-    async fn authenticate_inner(
+    async fn admit_inner(
         &self,
         path: &str,
         headers: &HeaderMap,
-    ) -> Result<AuthContext, AuthError> {
+    ) -> Result<(AuthContext, Recheck), AuthError> {
         let token = bearer(headers)?;
         let verified = self.verifier.verify(token.expose()).await?;
         let rule = self
@@ -89,7 +105,11 @@ impl Authenticator {
             .rule(path)
             .ok_or_else(|| AuthError::UnknownMethod(path.to_owned()))?;
         let act_as = act_as(headers)?;
-        self.resolver.resolve(&verified, act_as, rule).await
+        let ctx = self.resolver.resolve(&verified, act_as, rule).await?;
+        let recheck =
+            self.resolver
+                .recheck_for(VerifiedToken::clone(&verified), act_as, *rule, ctx.clone());
+        Ok((ctx, recheck))
     }
 }
 
@@ -104,12 +124,15 @@ fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
         .to_str()
         .map_err(|_| AuthError::MalformedAuthorization)?
         .trim();
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or(AuthError::MalformedAuthorization)?;
-    let token = token.trim();
-    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+    // `Bearer $TOKEN` with the variable unset arrives as `Bearer` (or
+    // `Bearer ` when the client keeps the space): say so plainly.
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AuthError::MalformedAuthorization);
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::EmptyToken);
     }
     Ok(BearerToken::new(token))
 }
@@ -205,11 +228,8 @@ where
                 strip_identity(request.headers_mut());
                 return inner.call(request).await;
             }
-            let ctx = match auth
-                .authenticate(request.uri().path(), request.headers())
-                .await
-            {
-                Ok(ctx) => ctx,
+            let (ctx, recheck) = match auth.admit(request.uri().path(), request.headers()).await {
+                Ok(admitted) => admitted,
                 Err(err) => return Ok(Status::from(err).into_http()),
             };
             let headers = request.headers_mut();
@@ -222,6 +242,7 @@ where
                 tracing::Span::current().record("igny8.account_id", account);
             }
             request.extensions_mut().insert(ctx);
+            request.extensions_mut().insert(recheck);
             let mut response = inner.call(request).await?;
             if let Some(account) = account {
                 response
@@ -252,10 +273,20 @@ mod tests {
             bearer(&map(&[("authorization", "Basic abc")])),
             Err(AuthError::MalformedAuthorization)
         );
-        assert_eq!(
-            bearer(&map(&[("authorization", "Bearer ")])),
-            Err(AuthError::MalformedAuthorization)
-        );
+        for empty in ["Bearer ", "Bearer", "bearer   "] {
+            assert_eq!(
+                bearer(&map(&[("authorization", empty)])),
+                Err(AuthError::EmptyToken),
+                "{empty:?}"
+            );
+        }
+        for malformed in ["", "Basic", "a.b.c", "Token a.b.c"] {
+            assert_eq!(
+                bearer(&map(&[("authorization", malformed)])),
+                Err(AuthError::MalformedAuthorization),
+                "{malformed:?}"
+            );
+        }
         assert_eq!(
             bearer(&map(&[("authorization", "bearer a.b.c")]))
                 .unwrap()

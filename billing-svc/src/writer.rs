@@ -66,6 +66,9 @@ pub struct WriterConfig {
 
 /// Default `max_batch`: chosen by measurement (README "Benchmarks").
 pub const DEFAULT_MAX_BATCH: usize = 128;
+/// Largest `max_batch` accepted: keeps every batch statement within
+/// SQLite's expression-depth and bound-parameter limits.
+pub const MAX_BATCH_LIMIT: usize = 512;
 /// Default queue bound per shard.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 /// Default per-account share of a shard's queue.
@@ -106,7 +109,7 @@ impl WriterConfig {
                 },
             }
         };
-        config.max_batch = read("IGNY8_LEDGER_MAX_BATCH", config.max_batch, 1000)?;
+        config.max_batch = read("IGNY8_LEDGER_MAX_BATCH", config.max_batch, MAX_BATCH_LIMIT)?;
         config.shards = read("IGNY8_LEDGER_SHARDS", config.shards, 64)?;
         config.queue_capacity = read("IGNY8_LEDGER_QUEUE", config.queue_capacity, 1_000_000)?;
         config.account_share = read(
@@ -264,6 +267,7 @@ pub struct Writer {
     shards: Arc<Vec<Shard>>,
     config: WriterConfig,
     on_commit: Arc<Mutex<Option<OnCommit>>>,
+    metrics: WriterMetrics,
 }
 
 impl std::fmt::Debug for Writer {
@@ -283,6 +287,7 @@ impl Writer {
     /// [`Writer::start`] with a given clock.
     pub fn start_with_clock(db: Db, config: WriterConfig, clock: Clock) -> Self {
         let on_commit: Arc<Mutex<Option<OnCommit>>> = Arc::default();
+        let metrics = WriterMetrics::default();
         let shards = (0..config.shards.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
@@ -294,6 +299,7 @@ impl Writer {
                     waiting.clone(),
                     on_commit.clone(),
                     clock.clone(),
+                    metrics.clone(),
                 ));
                 Shard { tx, waiting }
             })
@@ -302,12 +308,18 @@ impl Writer {
             shards: Arc::new(shards),
             config,
             on_commit,
+            metrics,
         }
     }
 
     /// Installs the hook called after each commit with the changed accounts.
     pub fn set_on_commit(&self, hook: OnCommit) {
         *self.on_commit.lock().expect("hook lock") = Some(hook);
+    }
+
+    /// The writer's counters, to register on a metrics registry.
+    pub fn metrics(&self) -> &WriterMetrics {
+        &self.metrics
     }
 
     /// The configuration the writer runs with.
@@ -325,6 +337,12 @@ impl Writer {
             let mut waiting = shard.waiting.lock().expect("share lock");
             let n = waiting.entry(account).or_default();
             if *n >= self.config.account_share {
+                self.metrics
+                    .refused
+                    .get_or_create(&RefusedLabels {
+                        limit: "account_share",
+                    })
+                    .inc();
                 return Err(BillingError::Overloaded(
                     "this account's share of the ledger queue is full",
                 ));
@@ -337,6 +355,10 @@ impl Writer {
             release_share(&shard.waiting, account);
             return Err(match e {
                 mpsc::error::TrySendError::Full(_) => {
+                    self.metrics
+                        .refused
+                        .get_or_create(&RefusedLabels { limit: "queue" })
+                        .inc();
                     BillingError::Overloaded("the ledger queue is full")
                 }
                 mpsc::error::TrySendError::Closed(_) => BillingError::WriteFailed,
@@ -367,6 +389,7 @@ async fn run_shard(
     waiting: Arc<Mutex<HashMap<i64, usize>>>,
     on_commit: Arc<Mutex<Option<OnCommit>>>,
     clock: Clock,
+    metrics: WriterMetrics,
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut jobs, max_batch).await > 0 {
@@ -379,7 +402,7 @@ async fn run_shard(
             continue;
         }
         let batch: Vec<Job> = std::mem::take(&mut jobs);
-        let changed = process(&db, batch, &clock).await;
+        let changed = process(&db, batch, &clock, &metrics).await;
         if !changed.is_empty() {
             let hook = on_commit.lock().expect("hook lock").clone();
             if let Some(hook) = hook {
@@ -390,34 +413,46 @@ async fn run_shard(
 }
 
 /// Applies a batch and answers its callers; returns the accounts changed.
-async fn process(db: &Db, batch: Vec<Job>, clock: &Clock) -> Vec<i64> {
+async fn process(db: &Db, batch: Vec<Job>, clock: &Clock, metrics: &WriterMetrics) -> Vec<i64> {
     let requests: Vec<(i64, &Op)> = batch.iter().map(|j| (j.account, &j.op)).collect();
     let size = batch.len();
     match apply_batch(db, &requests, clock).await {
         Ok((answers, changed)) => {
-            metrics::record_batch(size);
+            metrics.batches.inc();
+            metrics.requests.inc_by(size as u64);
             for (job, answer) in batch.into_iter().zip(answers) {
                 let _ = job.reply.send(answer);
             }
             changed
         }
-        Err(e) if size > 1 => {
+        // The database refused something in the batch: retry one by one so
+        // the offending request cannot fail its neighbours. (When the
+        // database is unreachable, retrying would only make every caller
+        // wait longer: they all get UNAVAILABLE below and retry themselves.)
+        Err(e) if size > 1 && !igny8_db::is_unavailable(&e) => {
+            metrics.failures.inc();
             tracing::warn!(error = %e, size, "ledger batch failed; retrying its requests one by one");
             let mut changed = BTreeSet::new();
             for job in batch {
                 let one = [(job.account, &job.op)];
                 let answer = match apply_batch(db, &one, clock).await {
                     Ok((mut answers, c)) => {
+                        metrics.batches.inc();
+                        metrics.requests.inc();
                         changed.extend(c);
                         answers.pop().unwrap_or(Err(BillingError::WriteFailed))
                     }
-                    Err(e) => Err(batch_error(e)),
+                    Err(e) => {
+                        metrics.failures.inc();
+                        Err(batch_error(e))
+                    }
                 };
                 let _ = job.reply.send(answer);
             }
             changed.into_iter().collect()
         }
         Err(e) => {
+            metrics.failures.inc();
             for job in batch {
                 let _ = job.reply.send(Err(batch_error_ref(&e)));
             }
@@ -439,24 +474,54 @@ fn batch_error_ref(e: &sqlx::Error) -> BillingError {
     BillingError::WriteFailed
 }
 
-/// Batch sizes, for the metrics endpoint and the benchmark.
-pub mod metrics {
-    use std::sync::atomic::{AtomicU64, Ordering};
+/// The writer's Prometheus counters.
+#[derive(Debug, Clone, Default)]
+pub struct WriterMetrics {
+    batches: prometheus_client::metrics::counter::Counter,
+    requests: prometheus_client::metrics::counter::Counter,
+    failures: prometheus_client::metrics::counter::Counter,
+    refused: prometheus_client::metrics::family::Family<
+        RefusedLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
 
-    static BATCHES: AtomicU64 = AtomicU64::new(0);
-    static REQUESTS: AtomicU64 = AtomicU64::new(0);
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RefusedLabels {
+    limit: &'static str,
+}
 
-    pub(super) fn record_batch(size: usize) {
-        BATCHES.fetch_add(1, Ordering::Relaxed);
-        REQUESTS.fetch_add(size as u64, Ordering::Relaxed);
+impl WriterMetrics {
+    /// Registers `igny8_ledger_batches_total`,
+    /// `igny8_ledger_batched_requests_total`,
+    /// `igny8_ledger_batch_failures_total` and
+    /// `igny8_ledger_refused_total{limit}`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "igny8_ledger_batches",
+            "Ledger transactions committed by the batching writer",
+            self.batches.clone(),
+        );
+        registry.register(
+            "igny8_ledger_batched_requests",
+            "Requests applied in committed batches (divide by batches for the mean batch size)",
+            self.requests.clone(),
+        );
+        registry.register(
+            "igny8_ledger_batch_failures",
+            "Batch transactions that failed and were rolled back",
+            self.failures.clone(),
+        );
+        registry.register(
+            "igny8_ledger_refused",
+            "Requests refused at once because a writer queue bound was reached (queue, account_share)",
+            self.refused.clone(),
+        );
     }
 
-    /// Committed batches and the requests they carried, since start.
-    pub fn totals() -> (u64, u64) {
-        (
-            BATCHES.load(Ordering::Relaxed),
-            REQUESTS.load(Ordering::Relaxed),
-        )
+    /// Committed batches and the requests they carried.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.batches.get(), self.requests.get())
     }
 }
 
@@ -1233,11 +1298,20 @@ fn update_holds(plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
     Some(sql)
 }
 
-fn update_accounts(plan: &Plan, now: DateTime<Utc>) -> Option<Sql> {
+/// Moves every changed account's balance and held amount with one
+/// `UPDATE … CASE`; on PostgreSQL the same statement sends
+/// `pg_notify('igny8_balance', '<account>')` once per changed account (in the
+/// transaction, so only committed changes notify).
+fn update_accounts(backend: Backend, plan: &Plan, now: DateTime<Utc>) -> Option<Sql> {
     if plan.accounts.is_empty() {
         return None;
     }
-    let mut sql = Sql::new("UPDATE accounts SET credits = CASE id");
+    let notify = backend == Backend::Postgres;
+    let mut sql = Sql::new(if notify {
+        "WITH moved AS (UPDATE accounts SET credits = CASE id"
+    } else {
+        "UPDATE accounts SET credits = CASE id"
+    });
     for (id, (credits, _)) in &plan.accounts {
         sql.push(" WHEN ")
             .arg(Arg::I64(*id))
@@ -1256,23 +1330,11 @@ fn update_accounts(plan: &Plan, now: DateTime<Utc>) -> Option<Sql> {
         .push(" WHERE id IN (")
         .list(plan.accounts.keys().map(|id| Arg::I64(*id)))
         .push(")");
-    Some(sql)
-}
-
-/// `pg_notify('igny8_balance', '<account>')` once per changed account.
-fn notify(backend: Backend, accounts: &[i64]) -> Option<Sql> {
-    if backend != Backend::Postgres || accounts.is_empty() {
-        return None;
+    if notify {
+        sql.push(" RETURNING id) SELECT pg_notify('")
+            .push(crate::BALANCE_CHANNEL)
+            .push("', CAST(id AS TEXT)) FROM moved");
     }
-    let mut sql = Sql::new("SELECT pg_notify('");
-    sql.push(crate::BALANCE_CHANNEL).push("', n) FROM (VALUES ");
-    for (i, a) in accounts.iter().enumerate() {
-        if i > 0 {
-            sql.push(", ");
-        }
-        sql.push("(").arg(Arg::Text(a.to_string())).push(")");
-    }
-    sql.push(") AS v(n)");
     Some(sql)
 }
 
@@ -1377,8 +1439,7 @@ async fn apply_batch(
         for sql in [
             insert_holds(&plan, &row_ids),
             update_holds(&plan, &row_ids),
-            update_accounts(&plan, now),
-            notify(backend, &changed),
+            update_accounts(backend, &plan, now),
         ]
         .into_iter()
         .flatten()

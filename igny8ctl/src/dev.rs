@@ -37,6 +37,8 @@ pub const DEMO_EMAIL: &str = "demo@igny8.local";
 pub const DEMO_GRANT_KEY: &str = "igny8ctl-dev:demo-credits";
 /// Idempotency key of the printed Deduct call.
 pub const DEMO_DEDUCT_KEY: &str = "readme-demo-1";
+/// The Reserve key of the printed hold example.
+pub const DEMO_HOLD_KEY: &str = "readme-hold-1";
 /// How long `dev` waits for both services to report SERVING.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -211,7 +213,10 @@ fn sq(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The grpcurl calls `dev` prints, each complete on one line.
+/// The grpcurl calls `dev` prints, each complete on one line. Calls whose
+/// answer can hold `false` or `0` pass `-emit-defaults`: grpcurl otherwise
+/// leaves such fields out, and `{"module": "MODULE_WRITER"}` without
+/// `enabled` reads like a broken response.
 pub fn grpcurl_calls(token: &str, billing: SocketAddr, settings: SocketAddr) -> Vec<String> {
     let header = sq(&format!("authorization: Bearer {token}"));
     let billing_svc = igny8_proto::BILLING_SERVICE_NAME;
@@ -221,18 +226,40 @@ pub fn grpcurl_calls(token: &str, billing: SocketAddr, settings: SocketAddr) -> 
     );
     vec![
         format!("grpcurl -plaintext {billing} list"),
-        format!("grpcurl -plaintext -H {header} {billing} {billing_svc}/GetBalance"),
+        format!("grpcurl -plaintext -emit-defaults -H {header} {billing} {billing_svc}/GetBalance"),
         format!(
-            "grpcurl -plaintext -H {header} -d {} {billing} {billing_svc}/GetCreditCost",
+            "grpcurl -plaintext -emit-defaults -H {header} -d {} {billing} {billing_svc}/GetCreditCost",
             sq(r#"{"operation":"content","quantity":250}"#)
         ),
         format!(
-            "grpcurl -plaintext -H {header} -d {} {billing} {billing_svc}/Deduct",
+            "grpcurl -plaintext -emit-defaults -H {header} -d {} {billing} {billing_svc}/Deduct",
             sq(&deduct)
         ),
         format!(
-            "grpcurl -plaintext -H {header} -d {} {settings} {settings_svc}/CheckModule",
+            "grpcurl -plaintext -emit-defaults -H {header} -d {} {settings} {settings_svc}/CheckModule",
             sq(r#"{"module":"MODULE_WRITER"}"#)
+        ),
+    ]
+}
+
+/// The printed hold example: a Reserve whose hold id the shell keeps, then a
+/// CaptureHold of what the work really used. Both lines run as printed, one
+/// after the other, and again after a restart (the Reserve key replays the
+/// same hold, and the same capture replays).
+pub fn hold_example(token: &str, billing: SocketAddr) -> [String; 2] {
+    let header = sq(&format!("authorization: Bearer {token}"));
+    let billing_svc = igny8_proto::BILLING_SERVICE_NAME;
+    let reserve = format!(
+        r#"{{"usage":{{"operation":"content","quantity":4000}},"idempotency_key":"{DEMO_HOLD_KEY}","ttl":"600s"}}"#
+    );
+    [
+        format!(
+            "HOLD_ID=$(grpcurl -plaintext -H {header} -d {} {billing} {billing_svc}/Reserve | python3 -c {})",
+            sq(&reserve),
+            sq(r#"import json, sys; print(json.load(sys.stdin)["hold"]["id"])"#)
+        ),
+        format!(
+            r#"grpcurl -plaintext -emit-defaults -H {header} -d "{{\"hold_id\":\"$HOLD_ID\",\"usage\":{{\"operation\":\"content\",\"quantity\":2500}}}}" {billing} {billing_svc}/CaptureHold"#
         ),
     ]
 }
@@ -290,6 +317,8 @@ fn print_banner(
     println!();
     println!("  export IGNY8_TOKEN={token}");
     println!();
+    println!("(the README's examples read it from $IGNY8_TOKEN: paste the line above first)");
+    println!();
     println!("Try it — each line works as printed:");
     println!();
     for call in grpcurl_calls(token, billing, settings) {
@@ -299,8 +328,16 @@ fn print_banner(
     println!(
         "Deduct uses idempotency key {DEMO_DEDUCT_KEY:?}: run it twice and the second answer is a replay."
     );
+    println!();
     println!(
-        "More tokens: cargo run -p igny8ctl -- token user --id {DEMO_USER}    (see igny8ctl --help)"
+        "Hold credits before the work (40 for 4000 words), then capture what it used (25 for 2500):"
+    );
+    println!();
+    for line in hold_example(token, billing) {
+        println!("  {line}");
+    }
+    println!(
+        "More tokens: cargo run -q -p igny8ctl -- token user --id {DEMO_USER}    (see cargo run -q -p igny8ctl -- --help)"
     );
     println!("Ctrl-C stops both services.");
     println!("ready: billing={billing} settings={settings}");

@@ -3,8 +3,12 @@
 //! The account always comes from the [`AuthContext`]; `settings.account_id`
 //! in a request is output-only and ignored.
 
-use auth_interceptor::AuthContext;
+use auth_interceptor::{AuthContext, Recheck};
 use igny8_proto::settings::v1::{self as pb, Module, settings_service_server::SettingsService};
+use service_kit::{
+    StreamEnv,
+    streams::{self, Read, WatchStream, Watched},
+};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -17,12 +21,53 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Settings {
     store: SettingsStore,
+    streams: StreamEnv,
 }
 
 impl Settings {
-    /// A service over this store.
+    /// A service over this store. Its streams never see a drain until
+    /// [`Settings::with_streams`] gives them the server's.
     pub fn new(store: SettingsStore) -> Self {
-        Self { store }
+        Self {
+            store,
+            streams: StreamEnv::detached(),
+        }
+    }
+
+    /// Streams end when this server drains and re-check access this often.
+    pub fn with_streams(mut self, streams: StreamEnv) -> Self {
+        self.streams = streams;
+        self
+    }
+}
+
+/// One account's switches, as a `WatchModuleSettings` stream sees them.
+struct WatchedSettings {
+    store: SettingsStore,
+    account: i64,
+    last: Option<pb::ModuleSettings>,
+}
+
+impl Watched for WatchedSettings {
+    type Message = pb::WatchModuleSettingsResponse;
+
+    async fn read(&mut self) -> Result<Read<Self::Message>, Status> {
+        let settings = to_proto(&*self.store.get_or_create(self.account).await?);
+        // A wake-up without a visible change (a notification heard twice:
+        // in-process and over LISTEN) sends nothing.
+        if self.last.as_ref() == Some(&settings) {
+            return Ok(Read {
+                message: None,
+                wake_at: None,
+            });
+        }
+        self.last = Some(settings);
+        Ok(Read {
+            message: Some(pb::WatchModuleSettingsResponse {
+                settings: Some(settings),
+            }),
+            wake_at: None,
+        })
     }
 }
 
@@ -122,6 +167,21 @@ pub fn changes(
     Ok(out)
 }
 
+/// The switches an update sets, for the log: `writer_enabled=false,
+/// linker_enabled=true`, or `none` for an update that names nothing.
+pub fn describe_changes(changes: &[Option<bool>; 8]) -> String {
+    let named: Vec<String> = FIELDS
+        .iter()
+        .zip(changes)
+        .filter_map(|(field, change)| change.map(|on| format!("{field}={on}")))
+        .collect();
+    if named.is_empty() {
+        "none".to_owned()
+    } else {
+        named.join(", ")
+    }
+}
+
 #[tonic::async_trait]
 impl SettingsService for Settings {
     async fn get_module_settings(
@@ -174,25 +234,37 @@ impl SettingsService for Settings {
         } else {
             self.store.update(account, changes).await?
         };
-        tracing::info!(account, ?changes, "module settings updated");
+        tracing::info!(
+            account,
+            changed = %describe_changes(&changes),
+            "module settings updated"
+        );
         Ok(Response::new(pb::UpdateModuleSettingsResponse {
             settings: Some(to_proto(&switches)),
         }))
     }
 
-    type WatchModuleSettingsStream = std::pin::Pin<
-        Box<
-            dyn futures::Stream<Item = Result<pb::WatchModuleSettingsResponse, Status>>
-                + Send
-                + 'static,
-        >,
-    >;
+    type WatchModuleSettingsStream = WatchStream<pb::WatchModuleSettingsResponse>;
 
     async fn watch_module_settings(
         &self,
-        _request: Request<pb::WatchModuleSettingsRequest>,
+        request: Request<pb::WatchModuleSettingsRequest>,
     ) -> Result<Response<Self::WatchModuleSettingsStream>, Status> {
-        Err(Status::unimplemented("WatchModuleSettings: in progress"))
+        let account = AuthContext::of(&request)?.account()?;
+        let recheck = Recheck::of(&request)?;
+        // Subscribe before the first read: no change can fall in between.
+        let subscription = self.store.changes().subscribe(account);
+        let watched = WatchedSettings {
+            store: self.store.clone(),
+            account,
+            last: None,
+        };
+        Ok(Response::new(streams::watch(
+            self.streams.clone(),
+            subscription,
+            recheck,
+            watched,
+        )))
     }
 }
 
@@ -206,6 +278,18 @@ mod tests {
         Some(FieldMask {
             paths: paths.iter().map(|p| (*p).to_owned()).collect(),
         })
+    }
+
+    #[test]
+    fn the_log_names_the_changed_fields_and_their_values() {
+        let mut c = [None; 8];
+        assert_eq!(describe_changes(&c), "none");
+        c[1] = Some(false);
+        c[5] = Some(true);
+        assert_eq!(
+            describe_changes(&c),
+            "writer_enabled=false, linker_enabled=true"
+        );
     }
 
     #[test]

@@ -180,6 +180,17 @@ async fn metrics_count_rpcs_auth_deducts_and_pool() {
         "no deduct failed on the server side"
     );
 
+    // The writer's batches: every write that reached the database (ok,
+    // replayed, insufficient, key_reused) was in a committed batch.
+    let batches = metric_value(&text, "igny8_ledger_batches_total").expect("batches");
+    let requests =
+        metric_value(&text, "igny8_ledger_batched_requests_total").expect("batched requests");
+    assert!(
+        batches >= 1.0 && requests >= 4.0 && requests >= batches,
+        "{batches} {requests}"
+    );
+    assert_metric(&text, "igny8_ledger_batch_failures_total", 0.0);
+
     // Pool state and health.
     let open = metric_value(&text, "igny8_db_pool_connections").expect("pool size");
     let idle = metric_value(&text, "igny8_db_pool_idle_connections").expect("pool idle");
@@ -202,8 +213,9 @@ async fn metrics_count_rpcs_auth_deducts_and_pool() {
 async fn unknown_methods_do_not_create_series() {
     let db = TestDb::new(Backend::Sqlite).await;
     let (server, metrics) = spawn_billing_with_metrics(test_config(&db.url)).await;
-    // A made-up path with a made-up token: refused, and counted under
-    // `unknown` so that callers cannot grow the label space.
+    // A made-up path with a made-up token: refused as not served (before
+    // the token is looked at), and counted under `unknown` so that callers
+    // cannot grow the label space.
     let mut client = tonic::client::Grpc::new(server.channel().await);
     client.ready().await.expect("ready");
     let mut request = tonic::Request::new(());
@@ -220,13 +232,13 @@ async fn unknown_methods_do_not_create_series() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.code(), Code::Unimplemented);
 
     let (_, text) = scrape(metrics).await;
     assert!(!text.contains("MintMoney"), "{text}");
     assert_metric(
         &text,
-        "igny8_grpc_server_handled_total{grpc_service=\"unknown\",grpc_method=\"unknown\",grpc_code=\"Unauthenticated\"}",
+        "igny8_grpc_server_handled_total{grpc_service=\"unknown\",grpc_method=\"unknown\",grpc_code=\"Unimplemented\"}",
         1.0,
     );
     server.stop().await.expect("clean stop");

@@ -210,7 +210,81 @@ async fn abandoned_requests_are_not_applied(b: Backend) {
     assert_eq!(keys, ["first", "after"]);
 }
 
+/// The largest batch the configuration allows fits every statement on both
+/// backends (bound parameters, expression depth): 512 distinct deducts,
+/// grants and reserves over 8 accounts in one go, all applied.
+async fn largest_batch_fits(b: Backend) {
+    use billing_svc::{
+        ledger::{Entry, Kind, Ledger},
+        writer::{MAX_BATCH_LIMIT, NewHold, Op},
+    };
+    let db = TestDb::new(b).await;
+    seed_accounts(&db).await;
+    let ledger = Ledger::with_config(
+        db.db.clone(),
+        WriterConfig {
+            max_batch: MAX_BATCH_LIMIT,
+            shards: 1,
+            queue_capacity: 2 * MAX_BATCH_LIMIT,
+            account_share: 2 * MAX_BATCH_LIMIT,
+        },
+    );
+    let ops: Vec<(i64, Op)> = (0..MAX_BATCH_LIMIT)
+        .map(|i| {
+            let account = 1 + (i as i64 % 8);
+            let key = format!("big-{i}");
+            let op = match i % 3 {
+                0 => Op::Reserve(NewHold {
+                    credits: 1,
+                    operation: String::new(),
+                    quantity: 0,
+                    description: "d".repeat(100),
+                    metadata: [("k".to_owned(), "v".repeat(200))].into(),
+                    idempotency_key: key.clone(),
+                    request_hash: key,
+                    actor: "test".into(),
+                    ttl: Duration::from_secs(60),
+                }),
+                n => Op::Change(Entry {
+                    kind: if n == 1 { Kind::Deduct } else { Kind::Grant },
+                    credits: if n == 1 { -1 } else { 1 },
+                    operation: String::new(),
+                    quantity: 0,
+                    description: "d".repeat(100),
+                    metadata: Default::default(),
+                    idempotency_key: key.clone(),
+                    request_hash: key,
+                    actor: "test".into(),
+                }),
+            };
+            (account, op)
+        })
+        .collect();
+    let answers = futures::future::join_all(
+        ops.into_iter()
+            .map(|(account, op)| ledger.writer().submit(account, op)),
+    )
+    .await;
+    assert!(
+        answers.iter().all(|a| a.is_ok()),
+        "{:?}",
+        answers.iter().find(|a| a.is_err())
+    );
+    let (batches, requests) = ledger.writer().metrics().totals();
+    assert_eq!(requests, MAX_BATCH_LIMIT as u64);
+    assert!(batches < 8, "{batches} batches for {requests} requests");
+    let mut total = 0;
+    for a in 1..=8 {
+        total += db.ledger_sum(a).await.1;
+    }
+    assert_eq!(
+        total as usize,
+        MAX_BATCH_LIMIT - MAX_BATCH_LIMIT.div_ceil(3)
+    );
+}
+
 on_both_backends!(
+    largest_batch_fits,
     two_replicas_batch_exactly,
     full_queue_is_refused_at_once,
     abandoned_requests_are_not_applied,
@@ -338,4 +412,125 @@ impl RowBlocker {
         let _ = self.done.send(());
         self.task.await.unwrap();
     }
+}
+
+/// A request the database refuses (here a NUL byte PostgreSQL cannot store,
+/// sent straight to the writer past the API's validation) fails alone: the
+/// rest of its batch is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_does_not_fail_its_batch() {
+    use billing_svc::{
+        error::BillingError,
+        ledger::{Entry, Kind, Ledger},
+        writer::Op,
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let ledger = Ledger::with_config(
+        db.db.clone(),
+        WriterConfig {
+            max_batch: 16,
+            shards: 1,
+            queue_capacity: 64,
+            account_share: 64,
+        },
+    );
+    let entry = |key: &str, description: &str| {
+        Op::Change(Entry {
+            kind: Kind::Deduct,
+            credits: -1,
+            operation: String::new(),
+            quantity: 0,
+            description: description.into(),
+            metadata: Default::default(),
+            idempotency_key: key.into(),
+            request_hash: key.into(),
+            actor: "test".into(),
+        })
+    };
+    // Occupy the writer with a batch stuck on a row lock, so the next three
+    // queue up and are taken as one batch.
+    let blocker = RowBlocker::hold(&db, 1).await;
+    let first = {
+        let writer = ledger.writer().clone();
+        let op = entry("first", "fine");
+        tokio::spawn(async move { writer.submit(1, op).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ops = vec![
+        entry("a", "fine"),
+        entry("b", "nul\0byte"),
+        entry("c", "fine"),
+    ];
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        blocker.release().await;
+    };
+    let (answers, ()) = tokio::join!(
+        futures::future::join_all(ops.into_iter().map(|op| ledger.writer().submit(1, op))),
+        release
+    );
+    first.await.unwrap().unwrap();
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert!(
+        matches!(answers[1], Err(BillingError::WriteFailed)),
+        "{:?}",
+        answers[1]
+    );
+    assert!(answers[2].is_ok(), "{:?}", answers[2]);
+    assert_eq!(db.ledger_sum(1).await, (-3, 3));
+    // Committed: "first", then "a" and "c" each alone after their batch
+    // with "b" failed.
+    assert_eq!(ledger.writer().metrics().totals(), (3, 3));
+}
+
+/// Each committed batch notifies `igny8_balance` once per changed account,
+/// from inside its transaction; refused requests notify nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_batches_notify_once_per_account() {
+    use billing_svc::{
+        ledger::{Entry, Kind, Ledger},
+        writer::Op,
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let igny8_db::Db::Postgres(pg) = &db.db else {
+        unreachable!()
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(pg).await.unwrap();
+    listener.listen(billing_svc::BALANCE_CHANNEL).await.unwrap();
+    let ledger = Ledger::new(db.db.clone());
+    let deduct = |key: &str, credits: i64| {
+        Op::Change(Entry {
+            kind: Kind::Deduct,
+            credits: -credits,
+            operation: String::new(),
+            quantity: 0,
+            description: String::new(),
+            metadata: Default::default(),
+            idempotency_key: key.into(),
+            request_hash: key.into(),
+            actor: "test".into(),
+        })
+    };
+    // Refused: nothing changes, nothing is sent.
+    assert!(
+        ledger
+            .writer()
+            .submit(3, deduct("x", START + 1))
+            .await
+            .is_err()
+    );
+    ledger.writer().submit(3, deduct("a", 1)).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a notification")
+        .unwrap();
+    assert_eq!(n.payload(), "3");
+    // Nothing else is pending.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.recv())
+            .await
+            .is_err()
+    );
 }
