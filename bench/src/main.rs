@@ -130,8 +130,14 @@ async fn run(args: &Args) -> Result<Report, String> {
     } else {
         None
     };
+    // The bench measures throughput, not load shedding: let every caller in.
+    let config = |url: &str| {
+        let mut config = test_config(url);
+        config.limits.max_in_flight = config.limits.max_in_flight.max(callers);
+        config
+    };
     let billing = match &db {
-        Some(db) if needs_billing => Some(spawn_billing_with(test_config(&db.url)).await),
+        Some(db) if needs_billing => Some(spawn_billing_with(config(&db.url)).await),
         _ => None,
     };
     // The same billing code whose ledger writer applies one request per
@@ -150,7 +156,7 @@ async fn run(args: &Args) -> Result<Report, String> {
         _ => None,
     };
     let settings = match &db {
-        Some(db) if needs_settings => Some(spawn_settings_with(test_config(&db.url)).await),
+        Some(db) if needs_settings => Some(spawn_settings_with(config(&db.url)).await),
         _ => None,
     };
     let baseline = if wants(Scenario::Baseline) {

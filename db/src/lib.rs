@@ -70,6 +70,13 @@ pub struct PoolConfig {
     pub max_connections: u32,
     /// How long a query waits for a free connection before failing.
     pub acquire_timeout: Duration,
+    /// PostgreSQL `statement_timeout` of every connection: no statement runs
+    /// longer. On SQLite it bounds the busy wait for the database lock.
+    pub statement_timeout: Duration,
+    /// PostgreSQL `lock_timeout` of every connection: no statement waits
+    /// longer for a row or table lock (a stuck row fails fast instead of
+    /// holding a pooled connection).
+    pub lock_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -77,6 +84,19 @@ impl Default for PoolConfig {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The same timeouts with another size: the small pool that directory
+    /// lookups and readiness use, so they never queue behind writes.
+    pub fn sized(&self, max_connections: u32) -> Self {
+        Self {
+            max_connections,
+            ..self.clone()
         }
     }
 }
@@ -115,8 +135,17 @@ impl Db {
     pub fn connect_lazy(url: &str, config: &PoolConfig) -> Result<Self, DbError> {
         match Backend::of_url(url)? {
             Backend::Postgres => {
+                // Session settings sent at connect: every pooled connection
+                // carries the bounds, whoever uses it.
                 let options = PgConnectOptions::from_str(url)
-                    .map_err(|e| DbError::InvalidUrl(format!("{}: {e}", redact_url(url))))?;
+                    .map_err(|e| DbError::InvalidUrl(format!("{}: {e}", redact_url(url))))?
+                    .options([
+                        (
+                            "statement_timeout",
+                            config.statement_timeout.as_millis().to_string(),
+                        ),
+                        ("lock_timeout", config.lock_timeout.as_millis().to_string()),
+                    ]);
                 check_tls_files(url)?;
                 Ok(Db::Postgres(
                     PgPoolOptions::new()
@@ -131,10 +160,11 @@ impl Db {
                     .create_if_missing(true)
                     .foreign_keys(true)
                     // WAL lets readers run beside the one writer; writers
-                    // queue on the busy timeout instead of failing.
+                    // queue on the busy timeout (the statement bound) instead
+                    // of failing at once.
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(30));
+                    .busy_timeout(config.statement_timeout);
                 Ok(Db::Sqlite(
                     SqlitePoolOptions::new()
                         .max_connections(config.max_connections)
@@ -168,9 +198,27 @@ impl Db {
 
     /// Applies every embedded migration not yet applied. Safe to run from
     /// several replicas at once on PostgreSQL (sqlx takes an advisory lock).
+    ///
+    /// On PostgreSQL migrations run on a connection of their own with the
+    /// statement and lock time-outs lifted (an index build may take longer,
+    /// and replicas queue on sqlx's advisory lock); the connection is closed
+    /// afterwards, never returned to the pool.
     pub async fn migrate(&self) -> Result<(), DbError> {
         match self {
-            Db::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
+            Db::Postgres(pool) => {
+                let mut conn = pool.acquire().await?.detach();
+                sqlx::query("SET statement_timeout = 0")
+                    .execute(&mut conn)
+                    .await?;
+                sqlx::query("SET lock_timeout = 0")
+                    .execute(&mut conn)
+                    .await?;
+                // `run_direct` is `run` on a connection, without the
+                // "Acquire is not general enough" trap of `&mut PgConnection`.
+                let result = POSTGRES_MIGRATIONS.run_direct(None, &mut conn, false).await;
+                let _ = sqlx::Connection::close(conn).await;
+                result?
+            }
             Db::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
         }
         Ok(())
@@ -425,17 +473,34 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())
 }
 
-/// True when the error says the database could not be reached (as opposed to
-/// a query the database refused): callers map it to UNAVAILABLE.
+/// True when the error is transient — the database could not be reached,
+/// is overloaded, or a time-out bounded the wait — as opposed to a query the
+/// database refused: callers map it to UNAVAILABLE (retryable), never
+/// INTERNAL.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
-    matches!(
-        err,
+    match err {
         sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Tls(_)
-    ) || matches!(err, sqlx::Error::Database(e) if e.code().is_some_and(|c| c == "57P01" || c == "57P03" || c == "5" || c == "6"))
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|c| is_transient_code(&c)),
+        _ => false,
+    }
+}
+
+/// SQLSTATEs (PostgreSQL) and result codes (SQLite) that say "try again".
+fn is_transient_code(code: &str) -> bool {
+    // PostgreSQL: class 08 connection exceptions, class 53 insufficient
+    // resources (53300 too_many_connections), 57014 query_canceled (our
+    // statement_timeout), 55P03 lock_not_available (our lock_timeout),
+    // 57P01..57P03 admin/crash shutdown, cannot connect now.
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57014" | "55P03" | "57P01" | "57P02" | "57P03")
+        // SQLite: BUSY, LOCKED and their extended codes (BUSY_RECOVERY,
+        // LOCKED_SHAREDCACHE, BUSY_SNAPSHOT, BUSY_TIMEOUT).
+        || matches!(code, "5" | "6" | "261" | "262" | "517" | "773")
 }
 
 /// True when the error is a CHECK-constraint violation.
@@ -460,6 +525,18 @@ mod tests {
     fn unknown_schemes_are_rejected() {
         let err = Backend::of_url("mysql://x").unwrap_err();
         assert!(err.to_string().contains("expected postgres://"), "{err}");
+    }
+
+    #[test]
+    fn transient_codes_are_unavailable() {
+        for code in ["53300", "55P03", "57014", "08006", "57P01", "5", "517"] {
+            assert!(is_transient_code(code), "{code}");
+        }
+        for code in ["23505", "23514", "42P01", "1", "19"] {
+            assert!(!is_transient_code(code), "{code}");
+        }
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, Secret, VerifierConfig};
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
 
 use crate::tls::TlsFiles;
+use crate::limits::Limits;
 /// How often an open stream re-checks the caller's access by default.
 pub const DEFAULT_STREAM_RECHECK: Duration = Duration::from_secs(30);
 
@@ -69,6 +70,8 @@ pub struct ServiceConfig {
     /// kubelet's gRPC probe); `None` (unset or `off`): health is served on
     /// the gRPC port only.
     pub health_addr: Option<SocketAddr>,
+    /// Transport limits and fair sharing (`IGNY8_MAX_*`, time-outs, …).
+    pub limits: Limits,
     /// `IGNY8_STREAM_RECHECK_SECS` (default 30, at most 60): how often an open
     /// stream re-checks the caller's access.
     pub stream_recheck: Duration,
@@ -174,6 +177,18 @@ impl ServiceConfig {
                     5,
                     1..=600,
                 )?),
+                statement_timeout: Duration::from_millis(parse_num(
+                    "IGNY8_DB_STATEMENT_TIMEOUT_MS",
+                    get("IGNY8_DB_STATEMENT_TIMEOUT_MS"),
+                    5000,
+                    100..=3_600_000,
+                )?),
+                lock_timeout: Duration::from_millis(parse_num(
+                    "IGNY8_DB_LOCK_TIMEOUT_MS",
+                    get("IGNY8_DB_LOCK_TIMEOUT_MS"),
+                    2000,
+                    10..=3_600_000,
+                )?),
             },
             directory_cache_ttl: match get("IGNY8_DIRECTORY_CACHE_MS") {
                 None => DEFAULT_CACHE_TTL,
@@ -191,6 +206,7 @@ impl ServiceConfig {
                 None | Some("off") => None,
                 Some(value) => Some(parse_addr("IGNY8_HEALTH_ADDR", Some(value.to_owned()), "")?),
             },
+            limits: parse_limits(&get)?,
             stream_recheck: Duration::from_secs(parse_num(
                 "IGNY8_STREAM_RECHECK_SECS",
                 get("IGNY8_STREAM_RECHECK_SECS"),
@@ -199,6 +215,57 @@ impl ServiceConfig {
             )?),
         })
     }
+}
+
+/// The transport limits (see [`Limits`] for the defaults).
+fn parse_limits(get: &impl Fn(&str) -> Option<String>) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let num = |name: &str, default: u64, range| parse_num(name, get(name), default, range);
+    let secs = |name: &str, default: Duration, range| {
+        num(name, default.as_secs(), range).map(Duration::from_secs)
+    };
+    let principal_share_percent = match get("IGNY8_PRINCIPAL_SHARE_PERCENT").as_deref() {
+        Some("off") => None,
+        other => Some(parse_num(
+            "IGNY8_PRINCIPAL_SHARE_PERCENT (or `off`)",
+            other.map(str::to_owned),
+            d.principal_share_percent.map_or(100, u64::from),
+            1..=100,
+        )? as u8),
+    };
+    Ok(Limits {
+        max_concurrent_streams: num(
+            "IGNY8_MAX_CONCURRENT_STREAMS",
+            d.max_concurrent_streams.into(),
+            1..=10_000,
+        )? as u32,
+        max_connections: num(
+            "IGNY8_MAX_CONNECTIONS",
+            d.max_connections as u64,
+            1..=1_000_000,
+        )? as usize,
+        header_read_timeout: secs(
+            "IGNY8_HEADER_READ_TIMEOUT_SECS",
+            d.header_read_timeout,
+            1..=600,
+        )?,
+        idle_timeout: secs("IGNY8_IDLE_TIMEOUT_SECS", d.idle_timeout, 1..=86_400)?,
+        body_read_timeout: secs("IGNY8_BODY_READ_TIMEOUT_SECS", d.body_read_timeout, 1..=600)?,
+        max_request_bytes: num(
+            "IGNY8_MAX_REQUEST_BYTES",
+            d.max_request_bytes as u64,
+            1024..=4 * 1024 * 1024,
+        )? as usize,
+        keepalive_interval: secs("IGNY8_HTTP2_KEEPALIVE_SECS", d.keepalive_interval, 1..=3600)?,
+        keepalive_timeout: secs(
+            "IGNY8_HTTP2_KEEPALIVE_TIMEOUT_SECS",
+            d.keepalive_timeout,
+            1..=600,
+        )?,
+        max_in_flight: num("IGNY8_MAX_IN_FLIGHT", d.max_in_flight as u64, 1..=100_000)? as usize,
+        principal_share_percent,
+        aux_pool_size: num("IGNY8_DB_AUX_CONNECTIONS", d.aux_pool_size.into(), 1..=64)? as u32,
+    })
 }
 
 /// The collector address for OTLP over gRPC: `http://` (plaintext) or
@@ -307,6 +374,31 @@ mod tests {
         assert_eq!(c.metrics_addr.unwrap().to_string(), "0.0.0.0:9101");
         assert_eq!(c.otlp_endpoint, None);
         assert_eq!(c.stream_recheck, DEFAULT_STREAM_RECHECK);
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.pool.lock_timeout, Duration::from_secs(2));
+        assert_eq!(c.pool.statement_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn limits_are_configurable() {
+        let c = load(&[
+            ("IGNY8_JWT_SECRET", "s"),
+            ("IGNY8_MAX_CONCURRENT_STREAMS", "50"),
+            ("IGNY8_PRINCIPAL_SHARE_PERCENT", "off"),
+            ("IGNY8_IDLE_TIMEOUT_SECS", "7"),
+            ("IGNY8_DB_LOCK_TIMEOUT_MS", "250"),
+        ])
+        .unwrap();
+        assert_eq!(c.limits.max_concurrent_streams, 50);
+        assert_eq!(c.limits.principal_share_percent, None);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(7));
+        assert_eq!(c.pool.lock_timeout, Duration::from_millis(250));
+        let c = load(&[
+            ("IGNY8_JWT_SECRET", "s"),
+            ("IGNY8_PRINCIPAL_SHARE_PERCENT", "10"),
+        ])
+        .unwrap();
+        assert_eq!(c.limits.principal_share_percent, Some(10));
     }
 
     #[test]
@@ -406,6 +498,17 @@ mod tests {
                     ("IGNY8_TLS_CLIENT_CA_FILE", "/ca.pem"),
                 ],
                 "IGNY8_TLS_CLIENT_CA_FILE",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("IGNY8_PRINCIPAL_SHARE_PERCENT", "0"),
+                ],
+                "IGNY8_PRINCIPAL_SHARE_PERCENT",
+            ),
+            (
+                vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_MAX_IN_FLIGHT", "lots")],
+                "IGNY8_MAX_IN_FLIGHT",
             ),
         ] {
             let err = load(&pairs).unwrap_err().to_string();

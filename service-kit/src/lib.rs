@@ -7,6 +7,8 @@
 //! - [`telemetry`]: logs (text or JSON) and OpenTelemetry trace export with
 //!   W3C trace-context propagation;
 //! - [`tls`]: gRPC server TLS and mTLS, certificates re-read on change;
+//! - [`limits`]: transport limits and fair sharing (connection and stream
+//!   bounds, time-outs, in-flight caps per server and per principal);
 //! - [`main_helper`]: the `main` both binaries share.
 //!
 //! A service supplies its tonic service and its name; [`server::Server`]
@@ -17,6 +19,7 @@
 pub mod app;
 pub mod changes;
 pub mod config;
+pub mod limits;
 pub mod main_helper;
 mod metrics;
 mod rpc;

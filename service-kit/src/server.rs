@@ -11,7 +11,6 @@ use http::{Request, Response};
 use igny8_db::Db;
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, server::NamedService};
 use tonic_health::{
     ServingStatus,
@@ -22,6 +21,7 @@ use tower::Service;
 
 use crate::{
     config::ServiceConfig,
+    limits::{self, ConnLayer, FairLayer},
     metrics::{Metrics, serve_metrics},
     rpc::{KnownMethods, RpcLayer},
     tls::{self, ReloadingTls},
@@ -99,6 +99,9 @@ pub struct Server {
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     db: Db,
+    /// The small pool for directory lookups and readiness: they never queue
+    /// behind the service's writes.
+    aux_db: Db,
     authenticator: Arc<Authenticator>,
     auth_metrics: AuthMetrics,
     metrics: Metrics,
@@ -170,6 +173,11 @@ impl Server {
         // A database that refuses our TLS settings (wrong CA, no TLS on the
         // server) will not fix itself: refuse to start, naming DATABASE_URL.
         check_database_tls(&db).await?;
+        let aux_db = Db::connect_lazy(
+            &config.database_url,
+            &config.pool.sized(config.limits.aux_pool_size),
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?;
         // Apply migrations before the port opens when the database is already
         // up, so a client that can connect also finds the schema. A database
         // that is not there yet does not stop start-up: the server comes up
@@ -207,8 +215,10 @@ impl Server {
         };
         let auth_metrics = AuthMetrics::default();
         let metrics = Metrics::new(&auth_metrics, config.pool.max_connections);
-        let directory =
-            CachedDirectory::new(SqlDirectory::new(db.clone()), config.directory_cache_ttl);
+        let directory = CachedDirectory::new(
+            SqlDirectory::new(aux_db.clone()),
+            config.directory_cache_ttl,
+        );
         let authenticator = Arc::new(Authenticator::new(
             verifier,
             Arc::new(directory),
@@ -228,6 +238,7 @@ impl Server {
             listener,
             metrics_listener,
             db,
+            aux_db,
             authenticator,
             auth_metrics,
             metrics,
@@ -308,6 +319,7 @@ impl Server {
             listener,
             metrics_listener,
             db,
+            aux_db,
             authenticator,
             metrics,
             health,
@@ -345,7 +357,7 @@ impl Server {
         };
         let draining = draining_tx.subscribe();
         let readiness = tokio::spawn(readiness(
-            db.clone(),
+            aux_db.clone(),
             health.clone(),
             service_name,
             if config.run_migrations {
@@ -385,18 +397,30 @@ impl Server {
             )
         });
         let addr = listener.local_addr().ok();
+        let limits = &config.limits;
+        let max_connections = limits
+            .effective_max_connections(limits::soft_nofile_limit(), config.pool.max_connections);
         tracing::info!(
             service = service_name,
             ?addr,
             tls = tls.is_some(),
             mtls = tls.as_ref().is_some_and(|t| t.mutual()),
+            max_connections,
             "serving gRPC"
         );
         // Outermost first: every call gets its span and metrics, auth
-        // failures included, and auth runs inside the span.
+        // failures included, and auth runs inside the span; the transport
+        // bounds cover every call, the in-flight caps authenticated ones.
         let serve = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .initial_stream_window_size(limits::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(limits::CONNECTION_WINDOW_BYTES)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .layer(rpc_layer)
+            .layer(ConnLayer::new(limits))
             .layer(AuthLayer::new(authenticator))
+            .layer(FairLayer::new(limits))
             .add_service(HealthServer::new(HealthService::from_health_reporter(
                 health.reporter.clone(),
             )))
@@ -404,7 +428,12 @@ impl Server {
             .add_service(reflection().build_v1alpha()?)
             .add_service(service)
             .serve_with_incoming_shutdown(
-                tls::incoming(TcpListenerStream::new(listener), tls),
+                // Connection bounds and time-outs apply to the TCP
+                // connection; TLS (when configured) runs inside them.
+                tls::incoming(
+                    limits::incoming(listener, limits, max_connections, draining.clone()),
+                    tls,
+                ),
                 signal,
             );
         tokio::pin!(serve);
@@ -427,9 +456,11 @@ impl Server {
         readiness.abort();
         // After a timed-out drain, calls still running hold connections that
         // close() would wait for forever; exiting closes them anyway.
-        if tokio::time::timeout(POOL_CLOSE_BOUND, db.close())
-            .await
-            .is_err()
+        if tokio::time::timeout(POOL_CLOSE_BOUND, async {
+            tokio::join!(db.close(), aux_db.close());
+        })
+        .await
+        .is_err()
         {
             tracing::warn!("database pool did not close in time; leaving it to process exit");
         }

@@ -419,6 +419,13 @@ pub fn test_config(url: &str) -> ServiceConfig {
         otlp_endpoint: None,
         tls: None,
         health_addr: None,
+        // Default transport limits, but no per-principal cap: the ledger
+        // tests fire hundreds of concurrent calls at one account on purpose.
+        // tests/tests/limits.rs turns fairness on.
+        limits: service_kit::limits::Limits {
+            principal_share_percent: None,
+            ..Default::default()
+        },
         stream_recheck: service_kit::config::DEFAULT_STREAM_RECHECK,
     }
 }

@@ -350,7 +350,15 @@ async fn seeded(credits: i64) -> TestDb {
 async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     const IN_FLIGHT: usize = 4;
     let db = seeded(100).await;
-    let mut binary = Binary::start(&db, &[("IGNY8_SHUTDOWN_TIMEOUT_SECS", "30")]).await;
+    // A lock wait longer than the default lock time-out (2 s), on purpose.
+    let mut binary = Binary::start(
+        &db,
+        &[
+            ("IGNY8_SHUTDOWN_TIMEOUT_SECS", "30"),
+            ("IGNY8_DB_LOCK_TIMEOUT_MS", "60000"),
+        ],
+    )
+    .await;
     let endpoint = format!("http://{}", binary.addr);
     let running = Running::at(binary.addr);
 
@@ -420,7 +428,12 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
         let response = call
             .await
             .expect("call task")
-            .unwrap_or_else(|status| panic!("in-flight call failed during drain: {status:?}"))
+            .unwrap_or_else(|status| {
+                panic!(
+                    "in-flight call failed during drain: {status:?}\n{}",
+                    binary.logs()
+                )
+            })
             .into_inner();
         assert!(!response.replayed);
         balances.push(response.balance);
@@ -444,6 +457,13 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
             .is_err(),
         "nothing listens after exit"
     );
+    // The exit is prompt now; let the stderr reader catch up.
+    eventually(
+        Duration::from_secs(5),
+        "the last log line is read",
+        || async { binary.logs().contains("stopped") },
+    )
+    .await;
     binary.assert_json_logs_mention("shutdown requested");
     binary.assert_json_logs_mention("stopped");
 }
