@@ -19,7 +19,8 @@ use crate::{
     policy::Policy,
     resolve::{Recheck, Resolver},
     secret::BearerToken,
-    verify::TokenVerifier,
+    token_cache::{TOKEN_CACHE_CAPACITY, TokenCache},
+    verify::{TokenVerifier, VerifiedToken},
 };
 
 /// Metadata names the layer reads and writes.
@@ -41,7 +42,8 @@ pub mod headers {
 
 /// Verifies, resolves and authorizes one call.
 pub struct Authenticator {
-    verifier: TokenVerifier,
+    /// Verifies tokens, each successful one once until it expires.
+    verifier: TokenCache,
     resolver: Resolver,
     policy: Policy,
     metrics: AuthMetrics,
@@ -63,7 +65,7 @@ impl Authenticator {
         metrics: AuthMetrics,
     ) -> Self {
         Self {
-            verifier,
+            verifier: TokenCache::new(verifier, TOKEN_CACHE_CAPACITY),
             resolver: Resolver::new(directory, metrics.clone()),
             policy: Policy::default(),
             metrics,
@@ -100,16 +102,16 @@ impl Authenticator {
         headers: &HeaderMap,
     ) -> Result<(AuthContext, Recheck), AuthError> {
         let token = bearer(headers)?;
-        let verified = self.verifier.verify(token.expose())?;
+        let verified = self.verifier.verify(token.expose()).await?;
         let rule = self
             .policy
             .rule(path)
             .ok_or_else(|| AuthError::UnknownMethod(crate::echo(path)))?;
         let act_as = act_as(headers)?;
         let ctx = self.resolver.resolve(&verified, act_as, rule).await?;
-        let recheck = self
-            .resolver
-            .recheck_for(verified, act_as, *rule, ctx.clone());
+        let recheck =
+            self.resolver
+                .recheck_for(VerifiedToken::clone(&verified), act_as, *rule, ctx.clone());
         Ok((ctx, recheck))
     }
 }

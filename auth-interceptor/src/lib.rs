@@ -29,6 +29,7 @@ mod metrics;
 mod policy;
 mod resolve;
 mod secret;
+mod token_cache;
 mod verify;
 
 pub use client::BearerInterceptor;
@@ -44,6 +45,7 @@ pub use metrics::AuthMetrics;
 pub use policy::{Access, Policy, RpcRule, Scope};
 pub use resolve::{Recheck, Resolver};
 pub use secret::{BearerToken, Secret};
+pub use token_cache::{TOKEN_CACHE_CAPACITY, TokenCache};
 pub use verify::{
     KeyConfig, MAX_TOKEN_BYTES, Principal, TokenVerifier, VerifiedToken, VerifierConfig,
 };

@@ -115,6 +115,8 @@ enum Keys {
 /// Verifies bearer tokens against the configured keys.
 pub struct TokenVerifier {
     keys: Keys,
+    /// The `exp`/`nbf` leeway, for the verified-token cache.
+    leeway_secs: u64,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -142,6 +144,9 @@ struct RawClaims {
     user_id: Option<Value>,
     sub: Option<Value>,
     account_id: Option<Value>,
+    /// Already checked by `jsonwebtoken`; read again only to bound how long
+    /// the verified-token cache may keep the result.
+    exp: Option<Value>,
 }
 
 impl TokenVerifier {
@@ -201,12 +206,25 @@ impl TokenVerifier {
                 Keys::Set { by_kid, sole }
             }
         };
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            leeway_secs: config.leeway.as_secs(),
+        })
     }
 
     /// Verifies a raw JWT: size, signature, `exp`/`nbf`/`iss`/`aud`, then
     /// `type` and the principal claims.
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, AuthError> {
+        self.verify_until(token).map(|(verified, _)| verified)
+    }
+
+    /// [`TokenVerifier::verify`], plus the last second (Unix time) at which
+    /// the token still verifies: `exp` + leeway. `None` when `exp` is not a
+    /// plain integer (such a result is never cached).
+    pub(crate) fn verify_until(
+        &self,
+        token: &str,
+    ) -> Result<(VerifiedToken, Option<u64>), AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::TokenTooLarge(token.len()));
         }
@@ -229,7 +247,14 @@ impl TokenVerifier {
         };
         let data = jsonwebtoken::decode::<RawClaims>(token, &pinned.key, &pinned.validation)
             .map_err(invalid)?;
-        principal(data.claims).map(|principal| VerifiedToken { principal })
+        let valid_until = data
+            .claims
+            .exp
+            .as_ref()
+            .and_then(Value::as_u64)
+            .and_then(|exp| exp.checked_add(self.leeway_secs));
+        let principal = principal(data.claims)?;
+        Ok((VerifiedToken { principal }, valid_until))
     }
 }
 

@@ -42,9 +42,26 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "baseline,deduct-hot,deduct-spread,cost,check-module,deduct-module"
+        default_value = "baseline,deduct-hot,deduct-hot-unbatched,deduct-spread,deduct-spread-unbatched,cost,check-module,deduct-module"
     )]
     pub scenarios: Vec<Scenario>,
+
+    /// Open loop: start calls on a fixed schedule of this many per second
+    /// (whatever the responses) instead of back to back, and measure each
+    /// call's latency from its scheduled start.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
+
+    /// For the deduct scenarios: after the closed-loop run, run the scenario
+    /// again open loop at half the rate it just reached, and report that
+    /// row's latency too.
+    #[arg(long, conflicts_with = "rate")]
+    pub open_loop_at_half_peak: bool,
+
+    /// Open loop: the most calls in flight at once. When all are busy, due
+    /// calls wait (and the wait counts in their latency).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_in_flight: u32,
 
     /// Print one JSON document on stdout instead of the table.
     #[arg(long)]
@@ -66,6 +83,20 @@ impl Args {
     /// How many HTTP/2 connections the callers are spread over.
     pub fn connections(&self) -> usize {
         self.concurrency.div_ceil(self.callers_per_connection) as usize
+    }
+
+    /// Whether any scenario runs open loop.
+    pub fn open_loop(&self) -> bool {
+        self.rate.is_some() || self.open_loop_at_half_peak
+    }
+
+    /// How many distinct callers (and so editor users) a run needs.
+    pub fn max_callers(&self) -> usize {
+        if self.open_loop() {
+            self.concurrency.max(self.max_in_flight) as usize
+        } else {
+            self.concurrency as usize
+        }
     }
 }
 
@@ -104,8 +135,14 @@ pub enum Scenario {
     Baseline,
     /// Every caller deducts 1 credit from the same account.
     DeductHot,
+    /// `deduct-hot` on a second billing server whose ledger writer applies
+    /// one request per transaction (`IGNY8_LEDGER_MAX_BATCH=1`): the same
+    /// code without batching.
+    DeductHotUnbatched,
     /// Callers deduct 1 credit from accounts picked at random among 1,000.
     DeductSpread,
+    /// `deduct-spread` with `IGNY8_LEDGER_MAX_BATCH=1`.
+    DeductSpreadUnbatched,
     /// `GetCreditCost`, auth included.
     Cost,
     /// `CheckModule` on settings-svc, auth included.
@@ -121,20 +158,48 @@ impl Scenario {
         match self {
             Scenario::Baseline => "baseline",
             Scenario::DeductHot => "deduct-hot",
+            Scenario::DeductHotUnbatched => "deduct-hot-unbatched",
             Scenario::DeductSpread => "deduct-spread",
+            Scenario::DeductSpreadUnbatched => "deduct-spread-unbatched",
             Scenario::Cost => "cost",
             Scenario::CheckModule => "check-module",
             Scenario::DeductModule => "deduct-module",
         }
     }
 
+    /// Whether the scenario deducts (and so is verified afterwards).
+    pub fn deducts(self) -> bool {
+        self.batched().is_some()
+    }
+
+    /// For a deduct scenario, the same scenario with batching on.
+    pub fn batched(self) -> Option<Scenario> {
+        match self {
+            Scenario::DeductHot | Scenario::DeductHotUnbatched => Some(Scenario::DeductHot),
+            Scenario::DeductSpread | Scenario::DeductSpreadUnbatched => {
+                Some(Scenario::DeductSpread)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the scenario runs on the `IGNY8_LEDGER_MAX_BATCH=1` server.
+    pub fn unbatched(self) -> bool {
+        matches!(
+            self,
+            Scenario::DeductHotUnbatched | Scenario::DeductSpreadUnbatched
+        )
+    }
+
     /// The RPC the scenario calls.
     pub fn rpc(self) -> &'static str {
         match self {
             Scenario::Baseline => "grpc.health.v1.Health/Check",
-            Scenario::DeductHot | Scenario::DeductSpread | Scenario::DeductModule => {
-                "igny8.billing.v1.BillingService/Deduct"
-            }
+            Scenario::DeductHot
+            | Scenario::DeductHotUnbatched
+            | Scenario::DeductSpread
+            | Scenario::DeductSpreadUnbatched
+            | Scenario::DeductModule => "igny8.billing.v1.BillingService/Deduct",
             Scenario::Cost => "igny8.billing.v1.BillingService/GetCreditCost",
             Scenario::CheckModule => "igny8.settings.v1.SettingsService/CheckModule",
         }
@@ -163,6 +228,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
+}
+
+/// A positive, finite number of calls per second.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate <= 1e7 => Ok(rate),
+        _ => Err(format!(
+            "`{text}` is not a rate: give calls per second, e.g. 500 (at most 10000000)"
+        )),
+    }
 }
 
 /// [`parse_duration`], refusing zero.
@@ -199,7 +274,9 @@ mod tests {
             [
                 Scenario::Baseline,
                 Scenario::DeductHot,
+                Scenario::DeductHotUnbatched,
                 Scenario::DeductSpread,
+                Scenario::DeductSpreadUnbatched,
                 Scenario::Cost,
                 Scenario::CheckModule,
                 Scenario::DeductModule,
@@ -209,6 +286,28 @@ mod tests {
         assert_eq!(args.connections(), 4);
         assert_eq!(args.duration, Duration::from_secs(10));
         assert_eq!(args.warmup, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn open_loop_options() {
+        let args = Args::parse_from(["igny8-bench", "--rate", "1500.5"]);
+        assert_eq!(args.rate, Some(1500.5));
+        assert!(args.open_loop());
+        assert_eq!(args.max_callers(), 256);
+        let args = Args::parse_from(["igny8-bench", "--open-loop-at-half-peak"]);
+        assert!(args.open_loop() && args.rate.is_none());
+        assert!(!Args::parse_from(["igny8-bench"]).open_loop());
+        assert_eq!(Args::parse_from(["igny8-bench"]).max_callers(), 32);
+        for bad in ["0", "-5", "fast", "inf", "NaN"] {
+            assert!(
+                Args::try_parse_from(["igny8-bench", "--rate", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(
+            Args::try_parse_from(["igny8-bench", "--rate", "10", "--open-loop-at-half-peak"])
+                .is_err()
+        );
     }
 
     #[test]

@@ -1,9 +1,25 @@
 //! The load driver: N callers, each one call at a time, for a warm-up and
 //! then a measured window; every response is checked.
+//!
+//! Two ways to drive them:
+//!
+//! - **closed loop** ([`drive`]): each caller starts its next call when the
+//!   previous one returned; latency is measured from the call's start. This
+//!   finds the peak rate, but a slow server also slows the callers, so
+//!   queueing inside the server is partly hidden.
+//! - **open loop** ([`drive_open`]): calls are due on a fixed schedule (call
+//!   *k* at `start + k / rate`) whatever the responses; a free caller takes
+//!   the next due slot, and latency is measured from the slot's *scheduled*
+//!   time. When every caller is busy, slots wait, and that wait is part of
+//!   their latency: a server that falls behind cannot hide its queue.
 
 use std::{
     collections::BTreeMap,
     future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -132,6 +148,10 @@ pub struct Measurement {
     /// Per account index: how many calls the server charged, warm-up
     /// included (for the balance verification).
     pub charged: Vec<u64>,
+    /// Open loop only: how late the measured calls started after their
+    /// scheduled time (timer resolution, and waiting for a free caller),
+    /// sorted, in nanoseconds. Already included in `latencies_ns`.
+    pub start_lags_ns: Vec<u64>,
 }
 
 impl Measurement {
@@ -152,23 +172,32 @@ impl Measurement {
 
     /// The latency at percentile `p` (nearest rank), if any call succeeded.
     pub fn percentile(&self, p: f64) -> Option<Duration> {
-        let n = self.latencies_ns.len();
-        if n == 0 {
-            return None;
-        }
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        let index = rank.clamp(1, n) - 1;
-        Some(Duration::from_nanos(self.latencies_ns[index]))
+        nearest_rank(&self.latencies_ns, p)
     }
 
     /// The slowest successful call.
     pub fn max(&self) -> Option<Duration> {
         self.latencies_ns.last().map(|&ns| Duration::from_nanos(ns))
     }
+
+    /// Open loop: the start lag at percentile `p` (nearest rank).
+    pub fn start_lag(&self, p: f64) -> Option<Duration> {
+        nearest_rank(&self.start_lags_ns, p)
+    }
 }
 
-/// Runs `callers` concurrently (one task each) for `plan`; `accounts` is
-/// the number of account indexes a caller may report as charged.
+fn nearest_rank(sorted_ns: &[u64], p: f64) -> Option<Duration> {
+    let n = sorted_ns.len();
+    if n == 0 {
+        return None;
+    }
+    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    Some(Duration::from_nanos(sorted_ns[rank.clamp(1, n) - 1]))
+}
+
+/// Runs `callers` concurrently (one task each) for `plan`, closed loop;
+/// `accounts` is the number of account indexes a caller may report as
+/// charged.
 pub async fn drive<C: Caller>(callers: Vec<C>, accounts: usize, plan: Plan) -> Measurement {
     let start = Instant::now();
     let measure_from = start + plan.warmup;
@@ -177,7 +206,69 @@ pub async fn drive<C: Caller>(callers: Vec<C>, accounts: usize, plan: Plan) -> M
         .into_iter()
         .map(|caller| tokio::spawn(run_caller(caller, accounts, measure_from, until)))
         .collect();
+    collect(tasks, accounts, measure_from).await
+}
 
+/// Runs `callers` open loop for `plan`: calls are due at `rate` per second
+/// from the start of the warm-up, each taken by whichever caller is free;
+/// latency counts from the scheduled time. `callers.len()` bounds the calls
+/// in flight.
+pub async fn drive_open<C: Caller>(
+    callers: Vec<C>,
+    accounts: usize,
+    plan: Plan,
+    rate: f64,
+) -> Measurement {
+    assert!(rate > 0.0 && rate.is_finite(), "rate must be positive");
+    let start = Instant::now();
+    let measure_from = start + plan.warmup;
+    let until = measure_from + plan.duration;
+    let schedule = Arc::new(Schedule {
+        start,
+        interval_ns: 1e9 / rate,
+        next: AtomicU64::new(0),
+    });
+    let tasks: Vec<_> = callers
+        .into_iter()
+        .map(|caller| {
+            tokio::spawn(run_open_caller(
+                caller,
+                accounts,
+                schedule.clone(),
+                measure_from,
+                until,
+            ))
+        })
+        .collect();
+    let mut total = collect(tasks, accounts, measure_from).await;
+    // The calls due in the window, over the window (or longer, when the
+    // last ones ran over): a last call that finished early does not make
+    // the window shorter.
+    total.elapsed = total.elapsed.max(plan.duration);
+    total.start_lags_ns.sort_unstable();
+    total
+}
+
+/// The open-loop schedule: slot `k` is due at `start + k × interval`.
+struct Schedule {
+    start: Instant,
+    interval_ns: f64,
+    next: AtomicU64,
+}
+
+impl Schedule {
+    /// Claims the next slot and returns when it is due.
+    fn claim(&self) -> Instant {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        self.start + Duration::from_nanos((k as f64 * self.interval_ns) as u64)
+    }
+}
+
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<CallerStats>>,
+    accounts: usize,
+    measure_from: Instant,
+) -> Measurement {
     let mut total = Measurement {
         charged: vec![0; accounts],
         ..Default::default()
@@ -188,6 +279,7 @@ pub async fn drive<C: Caller>(callers: Vec<C>, accounts: usize, plan: Plan) -> M
         last_finish = last_finish.max(stats.finished);
         total.ok += stats.ok;
         total.latencies_ns.extend(stats.latencies_ns);
+        total.start_lags_ns.extend(stats.start_lags_ns);
         total.warmup_calls += stats.warmup_calls;
         merge(&mut total.errors, stats.errors);
         merge(&mut total.warmup_errors, stats.warmup_errors);
@@ -213,6 +305,7 @@ fn merge(into: &mut BTreeMap<&'static str, u64>, from: BTreeMap<&'static str, u6
 struct CallerStats {
     ok: u64,
     latencies_ns: Vec<u64>,
+    start_lags_ns: Vec<u64>,
     errors: BTreeMap<&'static str, u64>,
     error_samples: BTreeMap<&'static str, String>,
     warmup_calls: u64,
@@ -221,57 +314,93 @@ struct CallerStats {
     finished: Instant,
 }
 
+impl CallerStats {
+    fn new(accounts: usize, measure_from: Instant) -> Self {
+        Self {
+            ok: 0,
+            latencies_ns: Vec::with_capacity(16 * 1024),
+            start_lags_ns: Vec::new(),
+            errors: BTreeMap::new(),
+            error_samples: BTreeMap::new(),
+            warmup_calls: 0,
+            warmup_errors: BTreeMap::new(),
+            charged: vec![0; accounts],
+            finished: measure_from,
+        }
+    }
+
+    /// Counts one call; `measured` says whether it belongs to the window.
+    fn record(&mut self, outcome: Outcome, latency: Duration, measured: bool) {
+        if let Some(account) = outcome.charged {
+            self.charged[account] += 1;
+        }
+        match outcome.result {
+            Ok(()) if measured => {
+                self.ok += 1;
+                self.latencies_ns.push(nanos(latency));
+            }
+            Ok(()) => self.warmup_calls += 1,
+            Err(failure) if measured => {
+                *self.errors.entry(failure.label).or_default() += 1;
+                self.error_samples
+                    .entry(failure.label)
+                    .or_insert(failure.message);
+            }
+            Err(failure) => {
+                self.warmup_calls += 1;
+                *self.warmup_errors.entry(failure.label).or_default() += 1;
+                self.error_samples
+                    .entry(failure.label)
+                    .or_insert(failure.message);
+            }
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 async fn run_caller<C: Caller>(
     mut caller: C,
     accounts: usize,
     measure_from: Instant,
     until: Instant,
 ) -> CallerStats {
-    let mut stats = CallerStats {
-        ok: 0,
-        latencies_ns: Vec::with_capacity(16 * 1024),
-        errors: BTreeMap::new(),
-        error_samples: BTreeMap::new(),
-        warmup_calls: 0,
-        warmup_errors: BTreeMap::new(),
-        charged: vec![0; accounts],
-        finished: measure_from,
-    };
+    let mut stats = CallerStats::new(accounts, measure_from);
     loop {
         let began = Instant::now();
         if began >= until {
             break;
         }
         let outcome = caller.call().await;
-        let latency = began.elapsed();
-        if let Some(account) = outcome.charged {
-            stats.charged[account] += 1;
+        stats.record(outcome, began.elapsed(), began >= measure_from);
+    }
+    stats.finished = Instant::now();
+    stats
+}
+
+async fn run_open_caller<C: Caller>(
+    mut caller: C,
+    accounts: usize,
+    schedule: Arc<Schedule>,
+    measure_from: Instant,
+    until: Instant,
+) -> CallerStats {
+    let mut stats = CallerStats::new(accounts, measure_from);
+    loop {
+        let due = schedule.claim();
+        if due >= until {
+            break;
         }
-        let measured = began >= measure_from;
-        match outcome.result {
-            Ok(()) if measured => {
-                stats.ok += 1;
-                stats
-                    .latencies_ns
-                    .push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
-            }
-            Ok(()) => stats.warmup_calls += 1,
-            Err(failure) if measured => {
-                *stats.errors.entry(failure.label).or_default() += 1;
-                stats
-                    .error_samples
-                    .entry(failure.label)
-                    .or_insert(failure.message);
-            }
-            Err(failure) => {
-                stats.warmup_calls += 1;
-                *stats.warmup_errors.entry(failure.label).or_default() += 1;
-                stats
-                    .error_samples
-                    .entry(failure.label)
-                    .or_insert(failure.message);
-            }
+        tokio::time::sleep_until(due.into()).await;
+        let measured = due >= measure_from;
+        if measured {
+            stats.start_lags_ns.push(nanos(due.elapsed()));
         }
+        let outcome = caller.call().await;
+        // From the scheduled time, not from when the call could start.
+        stats.record(outcome, due.elapsed(), measured);
     }
     stats.finished = Instant::now();
     stats
@@ -316,6 +445,52 @@ mod tests {
         assert_eq!(m.charged[1], m.ok);
         assert_eq!(m.charged[0], m.errors[INVALID_RESPONSE]);
         assert!(m.elapsed >= plan.duration);
+    }
+
+    /// Takes 10 ms per call, whatever the schedule.
+    struct Slow;
+
+    impl Caller for Slow {
+        async fn call(&mut self) -> Outcome {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Outcome::ok()
+        }
+    }
+
+    #[tokio::test]
+    async fn open_loop_counts_queueing_from_the_scheduled_start() {
+        // 1,000 calls/s due for 100 ms, one caller needing 10 ms each: the
+        // 100 due calls all run, one after the other, and the last one
+        // starts ~900 ms after it was due. A closed loop would report 10 ms.
+        let plan = Plan {
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(100),
+        };
+        let m = drive_open(vec![Slow], 0, plan, 1000.0).await;
+        assert_eq!(m.ok, 100, "every scheduled call runs, late or not");
+        assert_eq!(m.start_lags_ns.len(), 100);
+        // Call k is due at k ms and cannot finish before 10 (k + 1) ms.
+        assert!(m.max().unwrap() >= Duration::from_millis(900), "{m:?}");
+        assert!(m.start_lag(100.0).unwrap() >= Duration::from_millis(800));
+        assert!(m.elapsed >= Duration::from_millis(1000));
+    }
+
+    #[tokio::test]
+    async fn open_loop_issues_exactly_the_scheduled_calls() {
+        // 2,000/s for 50 ms of warm-up and 100 ms measured: 100 + 200 slots.
+        let plan = Plan {
+            warmup: Duration::from_millis(50),
+            duration: Duration::from_millis(100),
+        };
+        let callers = (0..4).map(|_| Flaky { n: 0 }).collect();
+        let m = drive_open(callers, 2, plan, 2000.0).await;
+        assert_eq!(m.ok + m.error_count(), 200, "{m:?}");
+        assert_eq!(m.warmup_calls, 100);
+        assert!(m.elapsed >= plan.duration, "the window is never shorter");
+        assert_eq!(m.latencies_ns.len() as u64, m.ok);
+        let unavailable = m.errors.get("UNAVAILABLE").copied().unwrap_or(0)
+            + m.warmup_errors.get("UNAVAILABLE").copied().unwrap_or(0);
+        assert_eq!(m.charged.iter().sum::<u64>(), 300 - unavailable);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! ```text
 //! cargo run --release -p igny8-bench -- [--backend postgres|sqlite] [--concurrency 32]
 //!     [--duration 10s] [--warmup 2s] [--scenarios baseline,deduct-hot,...] [--json]
+//!     [--rate N | --open-loop-at-half-peak] [--max-in-flight 256]
 //! ```
 
 mod baseline;
@@ -21,6 +22,7 @@ mod scenarios;
 
 use std::{process::ExitCode, time::Duration};
 
+use billing_svc::{BillingOptions, writer::WriterConfig};
 use clap::Parser;
 use igny8_tests::{
     Running, TestDb, spawn_billing_with, spawn_billing_with_options, spawn_settings_with,
@@ -30,8 +32,8 @@ use igny8_tests::{
 use crate::{
     baseline::Baseline,
     cli::{Args, Scenario},
-    driver::{Plan, drive},
-    report::{Report, ScenarioReport},
+    driver::{Plan, drive, drive_open},
+    report::{Mode, Report, ScenarioReport},
     scenarios::{
         HOT_ACCOUNT, HOT_CREDITS, MODULES_ACCOUNT, SPREAD_CREDITS, baseline_callers,
         check_module_callers, connect, cost_callers, deduct_hot_callers, deduct_module_callers,
@@ -94,30 +96,32 @@ fn install_panic_hook() {
 
 async fn run(args: &Args) -> Result<Report, String> {
     let scenarios = args.scenarios();
-    let callers = args.concurrency as usize;
-    let per = args.callers_per_connection as usize;
     let connections = args.connections();
     let plan = Plan {
         warmup: args.warmup,
         duration: args.duration,
     };
     let wants = |s: Scenario| scenarios.contains(&s);
-    let needs_hot =
-        wants(Scenario::DeductHot) || wants(Scenario::Cost) || wants(Scenario::CheckModule);
-    let needs_spread = wants(Scenario::DeductSpread);
-    let needs_billing =
-        wants(Scenario::DeductHot) || wants(Scenario::DeductSpread) || wants(Scenario::Cost);
+    let needs_hot = wants(Scenario::DeductHot)
+        || wants(Scenario::DeductHotUnbatched)
+        || wants(Scenario::Cost)
+        || wants(Scenario::CheckModule);
+    let needs_spread = wants(Scenario::DeductSpread) || wants(Scenario::DeductSpreadUnbatched);
+    let needs_billing = scenarios
+        .iter()
+        .any(|s| (s.deducts() && !s.unbatched()) || *s == Scenario::Cost);
+    let needs_unbatched = scenarios.iter().any(|s| s.unbatched());
     let needs_modules = wants(Scenario::DeductModule);
     let needs_settings = wants(Scenario::CheckModule) || needs_modules;
 
-    let db = if needs_billing || needs_settings {
+    let db = if needs_billing || needs_unbatched || needs_settings {
         progress(format!("creating a fresh {} database", args.backend.name()));
         let db = TestDb::new(args.backend.harness()).await;
         if needs_hot {
-            seed_hot(&db, callers).await;
+            seed_hot(&db, args.max_callers()).await;
         }
         if needs_modules {
-            seed_modules(&db, callers).await;
+            seed_modules(&db, args.max_callers()).await;
         }
         if needs_spread {
             progress(format!(
@@ -133,23 +137,39 @@ async fn run(args: &Args) -> Result<Report, String> {
     // The bench measures throughput, not load shedding: let every caller in.
     let config = |url: &str| {
         let mut config = test_config(url);
-        config.limits.max_in_flight = config.limits.max_in_flight.max(callers);
+        config.limits.max_in_flight = config.limits.max_in_flight.max(args.max_callers());
         config
     };
     let billing = match &db {
         Some(db) if needs_billing => Some(spawn_billing_with(config(&db.url)).await),
         _ => None,
     };
+    // The same billing code whose ledger writer applies one request per
+    // transaction, as with IGNY8_LEDGER_MAX_BATCH=1.
+    let unbatched = match &db {
+        Some(db) if needs_unbatched => {
+            let backend = igny8_db::Backend::of_url(&db.url).map_err(|e| e.to_string())?;
+            let ledger = WriterConfig::from_lookup(backend, |name| {
+                (name == "IGNY8_LEDGER_MAX_BATCH").then(|| "1".to_owned())
+            })?;
+            let options = BillingOptions {
+                ledger: Some(ledger),
+                ..Default::default()
+            };
+            Some(spawn_billing_with_options(test_config(&db.url), options).await)
+        }
+        _ => None,
+    };
     let settings = match &db {
         Some(db) if needs_settings => Some(spawn_settings_with(config(&db.url)).await),
         _ => None,
     };
-    // A second billing server with module checks on, asking `settings`.
+    // A billing server with module checks on, asking `settings`.
     let billing_modules = match (&db, &settings) {
         (Some(db), Some(settings)) if needs_modules => Some(
             spawn_billing_with_options(
-                test_config(&db.url),
-                billing_svc::BillingOptions {
+                config(&db.url),
+                BillingOptions {
                     settings: Some(billing_svc::modules::SettingsOptions::new(
                         settings.endpoint(),
                     )),
@@ -166,76 +186,53 @@ async fn run(args: &Args) -> Result<Report, String> {
         None
     };
 
+    let mut bench = Bench {
+        args,
+        plan,
+        connections,
+        db: db.as_ref(),
+        runs: 0,
+        hot_charged: vec![0; 1],
+        spread_charged: vec![0; scenarios::SPREAD_ACCOUNTS],
+        module_charged: vec![0; 1],
+    };
     let mut reports = Vec::with_capacity(scenarios.len());
     for scenario in scenarios.iter().copied() {
-        progress(format!(
-            "{}: {callers} callers on {connections} connection(s), {:?} warm-up + {:?} measured",
-            scenario.name(),
-            plan.warmup,
-            plan.duration
-        ));
-        let report = match scenario {
-            Scenario::Baseline => {
-                let addr = baseline.as_ref().expect("started above").addr;
-                let channels = connect(addr, connections).await?;
-                let m = drive(baseline_callers(&channels, callers, per), 0, plan).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, None)
-            }
-            Scenario::DeductHot => {
-                let channels = connect(addr_of(&billing), connections).await?;
-                let m = drive(deduct_hot_callers(&channels, callers, per), 1, plan).await;
-                let db = db.as_ref().expect("created above");
-                let v = verify(db, &[HOT_ACCOUNT], HOT_CREDITS, &m.charged).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, Some(v))
-            }
-            Scenario::DeductSpread => {
-                let channels = connect(addr_of(&billing), connections).await?;
-                let accounts = spread_accounts();
-                let callers = deduct_spread_callers(&channels, callers, per);
-                let m = drive(callers, accounts.len(), plan).await;
-                let db = db.as_ref().expect("created above");
-                let v = verify(db, &accounts, SPREAD_CREDITS, &m.charged).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, Some(v))
-            }
-            Scenario::Cost => {
-                let channels = connect(addr_of(&billing), connections).await?;
-                let m = drive(cost_callers(&channels, callers, per), 0, plan).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, None)
-            }
-            Scenario::CheckModule => {
-                let channels = connect(addr_of(&settings), connections).await?;
-                let m = drive(check_module_callers(&channels, callers, per), 0, plan).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, None)
-            }
-            Scenario::DeductModule => {
-                let channels = connect(addr_of(&billing_modules), connections).await?;
-                let m = drive(deduct_module_callers(&channels, callers, per), 1, plan).await;
-                let db = db.as_ref().expect("created above");
-                let v = verify(db, &[MODULES_ACCOUNT], HOT_CREDITS, &m.charged).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), m, Some(v))
-            }
+        let addr = match scenario {
+            Scenario::Baseline => baseline.as_ref().expect("started above").addr,
+            Scenario::DeductHot | Scenario::DeductSpread | Scenario::Cost => addr_of(&billing),
+            Scenario::DeductHotUnbatched | Scenario::DeductSpreadUnbatched => addr_of(&unbatched),
+            Scenario::CheckModule => addr_of(&settings),
+            Scenario::DeductModule => addr_of(&billing_modules),
         };
-        progress(format!(
-            "{}: {:.1} req/s, {} ok, {} errors{}",
-            report.name,
-            report.requests_per_sec,
-            report.requests,
-            report.error_count,
-            report
-                .verification
-                .as_ref()
-                .map_or(String::new(), |v| format!(
-                    ", verification {}",
-                    if v.passed { "passed" } else { "FAILED" }
-                ))
-        ));
+        let first = match args.rate {
+            Some(rate) => Mode::Open { target_rate: rate },
+            None => Mode::Closed,
+        };
+        let report = bench.measure(scenario, addr, first).await?;
+        let half_peak = (args.open_loop_at_half_peak && scenario.deducts())
+            .then_some(report.requests_per_sec / 2.0);
         reports.push(report);
+        match half_peak {
+            Some(rate) if rate > 0.0 => {
+                let open = Mode::Open { target_rate: rate };
+                reports.push(bench.measure(scenario, addr, open).await?);
+            }
+            Some(_) => progress(format!(
+                "{}: no call succeeded, so there is no half-peak rate to run open loop at",
+                scenario.name()
+            )),
+            None => {}
+        }
     }
 
     report_module_check_cost(&reports);
 
     // Stop the servers before the database goes away with `db`.
-    for server in [billing, billing_modules, settings].into_iter().flatten() {
+    for server in [billing, unbatched, billing_modules, settings]
+        .into_iter()
+        .flatten()
+    {
         stop(server).await;
     }
     if let Some(baseline) = baseline
@@ -253,6 +250,145 @@ async fn run(args: &Args) -> Result<Report, String> {
         args.duration,
         reports,
     ))
+}
+
+/// What the scenario runs of one invocation share.
+struct Bench<'a> {
+    args: &'a Args,
+    plan: Plan,
+    connections: usize,
+    db: Option<&'a TestDb>,
+    /// Deduct runs so far: each run's idempotency keys are its own.
+    runs: usize,
+    /// Deducts acknowledged so far on the hot account, over every run.
+    hot_charged: Vec<u64>,
+    /// The same per spread account.
+    spread_charged: Vec<u64>,
+    /// The same on the modules account.
+    module_charged: Vec<u64>,
+}
+
+impl Bench<'_> {
+    /// Runs one scenario against `addr`, closed or open loop, and verifies
+    /// the balances after a deduct scenario (against every deduct
+    /// acknowledged so far on those accounts, earlier runs included).
+    async fn measure(
+        &mut self,
+        scenario: Scenario,
+        addr: std::net::SocketAddr,
+        mode: Mode,
+    ) -> Result<ScenarioReport, String> {
+        let (callers, per) = match mode {
+            Mode::Closed => (
+                self.args.concurrency as usize,
+                self.args.callers_per_connection as usize,
+            ),
+            // The same connections, shared by more (mostly idle) callers.
+            Mode::Open { .. } => {
+                let n = self.args.max_in_flight as usize;
+                (n, n.div_ceil(self.connections))
+            }
+        };
+        progress(match mode {
+            Mode::Closed => format!(
+                "{}: {callers} callers on {} connection(s), {:?} warm-up + {:?} measured",
+                scenario.name(),
+                self.connections,
+                self.plan.warmup,
+                self.plan.duration
+            ),
+            Mode::Open { target_rate } => format!(
+                "{}: open loop at {target_rate:.0} calls/s (at most {callers} in flight) on {} connection(s), {:?} warm-up + {:?} measured",
+                scenario.name(),
+                self.connections,
+                self.plan.warmup,
+                self.plan.duration
+            ),
+        });
+        let channels = connect(addr, self.connections).await?;
+        let run = self.runs;
+        self.runs += 1;
+        let report = match scenario {
+            Scenario::Baseline => {
+                let m = self
+                    .drive(baseline_callers(&channels, callers, per), 0, mode)
+                    .await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+            }
+            Scenario::DeductHot | Scenario::DeductHotUnbatched => {
+                let callers = deduct_hot_callers(&channels, callers, per, run);
+                let m = self.drive(callers, 1, mode).await;
+                add(&mut self.hot_charged, &m.charged);
+                let db = self.db.expect("created above");
+                let v = verify(db, &[HOT_ACCOUNT], HOT_CREDITS, &self.hot_charged).await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
+            }
+            Scenario::DeductSpread | Scenario::DeductSpreadUnbatched => {
+                let accounts = spread_accounts();
+                let callers = deduct_spread_callers(&channels, callers, per, run);
+                let m = self.drive(callers, accounts.len(), mode).await;
+                add(&mut self.spread_charged, &m.charged);
+                let db = self.db.expect("created above");
+                let v = verify(db, &accounts, SPREAD_CREDITS, &self.spread_charged).await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
+            }
+            Scenario::Cost => {
+                let m = self
+                    .drive(cost_callers(&channels, callers, per), 0, mode)
+                    .await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+            }
+            Scenario::CheckModule => {
+                let callers = check_module_callers(&channels, callers, per);
+                let m = self.drive(callers, 0, mode).await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+            }
+            Scenario::DeductModule => {
+                let callers = deduct_module_callers(&channels, callers, per);
+                let m = self.drive(callers, 1, mode).await;
+                add(&mut self.module_charged, &m.charged);
+                let db = self.db.expect("created above");
+                let v = verify(db, &[MODULES_ACCOUNT], HOT_CREDITS, &self.module_charged).await;
+                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
+            }
+        };
+        progress(format!(
+            "{}: {:.1} req/s, {} ok, {} errors{}",
+            report.label(),
+            report.requests_per_sec,
+            report.requests,
+            report.error_count,
+            report
+                .verification
+                .as_ref()
+                .map_or(String::new(), |v| format!(
+                    ", verification {}",
+                    if v.passed { "passed" } else { "FAILED" }
+                ))
+        ));
+        Ok(report)
+    }
+
+    async fn drive<C: driver::Caller>(
+        &self,
+        callers: Vec<C>,
+        accounts: usize,
+        mode: Mode,
+    ) -> driver::Measurement {
+        match mode {
+            Mode::Closed => drive(callers, accounts, self.plan).await,
+            Mode::Open { target_rate } => {
+                drive_open(callers, accounts, self.plan, target_rate).await
+            }
+        }
+    }
+}
+
+/// Adds one run's charged counts to the running totals.
+fn add(totals: &mut [u64], run: &[u64]) {
+    for (total, n) in totals.iter_mut().zip(run) {
+        *total += n;
+    }
 }
 
 /// What module checks cost: `deduct-module` (usage, module checks on)

@@ -27,8 +27,37 @@ pub struct Report {
     pub cpus: usize,
     /// One entry per scenario, in run order.
     pub scenarios: Vec<ScenarioReport>,
+    /// For each deduct scenario run both ways (closed loop): batched
+    /// throughput over `IGNY8_LEDGER_MAX_BATCH=1` throughput.
+    pub batching_gains: Vec<BatchingGain>,
     /// Every deduct verification passed (true when none ran).
     pub verification_passed: bool,
+}
+
+/// What batching bought one deduct scenario, within one run.
+#[derive(Debug, Serialize)]
+pub struct BatchingGain {
+    /// `deduct-hot` or `deduct-spread`.
+    pub scenario: &'static str,
+    /// req/s with the default ledger writer.
+    pub batched_per_sec: f64,
+    /// req/s with one request per transaction.
+    pub unbatched_per_sec: f64,
+    /// `batched_per_sec / unbatched_per_sec`.
+    pub ratio: f64,
+}
+
+/// How a scenario's calls were started.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Mode {
+    /// Each caller starts its next call when the previous one returned.
+    Closed,
+    /// Calls due on a fixed schedule; latency from the scheduled start.
+    Open {
+        /// Calls scheduled per second.
+        target_rate: f64,
+    },
 }
 
 /// One scenario's numbers.
@@ -38,6 +67,11 @@ pub struct ScenarioReport {
     pub name: &'static str,
     /// The RPC called.
     pub rpc: &'static str,
+    /// Closed or open loop (with the scheduled rate).
+    pub load: Mode,
+    /// Open loop: how late measured calls started after their scheduled
+    /// time (already part of `latency_ms`); null for closed loop.
+    pub start_lag_ms: Option<Lag>,
     /// Successful calls in the measured window.
     pub requests: u64,
     /// Length of the measured window, seconds.
@@ -77,25 +111,48 @@ pub struct Latency {
     pub max: f64,
 }
 
+/// Open-loop start lag in milliseconds (nearest rank).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Lag {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Latest start.
+    pub max: f64,
+}
+
+/// Milliseconds, rounded to the microsecond.
+fn ms(d: Option<Duration>) -> f64 {
+    d.map_or(0.0, |d| (d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
 impl ScenarioReport {
     /// Summarises a measurement (the ratio is filled in by [`Report::new`]).
     pub fn new(
         name: &'static str,
         rpc: &'static str,
+        load: Mode,
         m: Measurement,
         verification: Option<Verification>,
     ) -> Self {
-        // Milliseconds, rounded to the microsecond.
-        let ms = |d: Option<Duration>| d.map_or(0.0, |d| (d.as_secs_f64() * 1e6).round() / 1e3);
         let latency_ms = (m.ok > 0).then(|| Latency {
             p50: ms(m.percentile(50.0)),
             p90: ms(m.percentile(90.0)),
             p99: ms(m.percentile(99.0)),
             max: ms(m.max()),
         });
+        let start_lag_ms =
+            (matches!(load, Mode::Open { .. }) && !m.start_lags_ns.is_empty()).then(|| Lag {
+                p50: ms(m.start_lag(50.0)),
+                p99: ms(m.start_lag(99.0)),
+                max: ms(m.start_lag(100.0)),
+            });
         Self {
             name,
             rpc,
+            load,
+            start_lag_ms,
             requests: m.ok,
             elapsed_secs: m.elapsed.as_secs_f64(),
             requests_per_sec: m.rate(),
@@ -107,6 +164,14 @@ impl ScenarioReport {
             warmup_requests: m.warmup_calls,
             warmup_errors: m.warmup_errors,
             verification,
+        }
+    }
+
+    /// The scenario's name, with the open-loop rate when there is one.
+    pub fn label(&self) -> String {
+        match self.load {
+            Mode::Closed => self.name.to_owned(),
+            Mode::Open { target_rate } => format!("{} open@{target_rate:.0}/s", self.name),
         }
     }
 }
@@ -123,7 +188,7 @@ impl Report {
     ) -> Self {
         let baseline = scenarios
             .iter()
-            .find(|s| s.name == "baseline")
+            .find(|s| s.name == "baseline" && s.load == Mode::Closed)
             .map(|s| s.requests_per_sec)
             .filter(|&r| r > 0.0);
         if let Some(baseline) = baseline {
@@ -131,6 +196,24 @@ impl Report {
                 s.ratio_to_baseline = Some(s.requests_per_sec / baseline);
             }
         }
+        let closed = |name: &str| {
+            scenarios
+                .iter()
+                .find(|s| s.name == name && s.load == Mode::Closed)
+        };
+        let batching_gains = scenarios
+            .iter()
+            .filter(|s| s.load == Mode::Closed)
+            .filter_map(|batched| {
+                let unbatched = closed(&format!("{}-unbatched", batched.name))?;
+                (unbatched.requests_per_sec > 0.0).then(|| BatchingGain {
+                    scenario: batched.name,
+                    batched_per_sec: batched.requests_per_sec,
+                    unbatched_per_sec: unbatched.requests_per_sec,
+                    ratio: batched.requests_per_sec / unbatched.requests_per_sec,
+                })
+            })
+            .collect();
         let verification_passed = scenarios
             .iter()
             .filter_map(|s| s.verification.as_ref())
@@ -145,6 +228,7 @@ impl Report {
             duration_secs: duration.as_secs_f64(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             scenarios,
+            batching_gains,
             verification_passed,
         }
     }
@@ -169,13 +253,22 @@ impl Report {
             self.cpus
         );
         let _ = writeln!(out);
+        let width = self
+            .scenarios
+            .iter()
+            .map(|s| s.label().chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("scenario".len());
         let _ = writeln!(
             out,
-            "| scenario      |     req/s | × baseline |  p50 ms |  p90 ms |  p99 ms |  max ms |       ok | errors |"
+            "| {:<width$} |     req/s | × baseline |  p50 ms |  p90 ms |  p99 ms |  max ms |       ok | errors |",
+            "scenario"
         );
         let _ = writeln!(
             out,
-            "|---------------|----------:|-----------:|--------:|--------:|--------:|--------:|---------:|-------:|"
+            "|-{}-|----------:|-----------:|--------:|--------:|--------:|--------:|---------:|-------:|",
+            "-".repeat(width)
         );
         for s in &self.scenarios {
             let ratio = s
@@ -187,8 +280,16 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "| {:<13} | {:>9.1} | {:>10} | {:>7} | {:>7} | {:>7} | {:>7} | {:>8} | {:>6} |",
-                s.name, s.requests_per_sec, ratio, p50, p90, p99, max, s.requests, s.error_count
+                "| {:<width$} | {:>9.1} | {:>10} | {:>7} | {:>7} | {:>7} | {:>7} | {:>8} | {:>6} |",
+                s.label(),
+                s.requests_per_sec,
+                ratio,
+                p50,
+                p90,
+                p99,
+                max,
+                s.requests,
+                s.error_count
             );
         }
         let _ = writeln!(out);
@@ -203,7 +304,7 @@ impl Report {
                 let _ = writeln!(
                     out,
                     "errors   {}: {} (warm-up: {})",
-                    s.name,
+                    s.label(),
                     list(&s.errors),
                     list(&s.warmup_errors)
                 );
@@ -212,12 +313,31 @@ impl Report {
                 }
             }
         }
+        for g in &self.batching_gains {
+            let _ = writeln!(
+                out,
+                "batching {}: {:.1}× the same scenario with IGNY8_LEDGER_MAX_BATCH=1 ({:.1} vs {:.1} req/s)",
+                g.scenario, g.ratio, g.batched_per_sec, g.unbatched_per_sec
+            );
+        }
+        for s in &self.scenarios {
+            if let Some(lag) = s.start_lag_ms {
+                let _ = writeln!(
+                    out,
+                    "lag      {}: calls started after their scheduled time by p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (included in the latency)",
+                    s.label(),
+                    lag.p50,
+                    lag.p99,
+                    lag.max
+                );
+            }
+        }
         for s in &self.scenarios {
             if let Some(v) = &s.verification {
                 let _ = writeln!(
                     out,
                     "verify   {}: {} — {}",
-                    s.name,
+                    s.label(),
                     if v.passed { "PASS" } else { "FAIL" },
                     v.detail
                 );

@@ -166,7 +166,13 @@ pub struct DeductCaller {
 }
 
 /// `deduct-hot` callers: caller `i` is editor `i` of the hot account.
-pub fn deduct_hot_callers(channels: &[Channel], callers: usize, per: usize) -> Vec<DeductCaller> {
+/// `run` makes idempotency keys unique across runs on one database.
+pub fn deduct_hot_callers(
+    channels: &[Channel],
+    callers: usize,
+    per: usize,
+    run: usize,
+) -> Vec<DeductCaller> {
     (0..callers)
         .map(|i| DeductCaller {
             channel: channel_for(channels, i, per),
@@ -176,18 +182,20 @@ pub fn deduct_hot_callers(channels: &[Channel], callers: usize, per: usize) -> V
                 auth: bearer(HOT_EDITORS + i as i64, HOT_ACCOUNT),
             }]),
             rng: seed(i),
-            key_prefix: format!("bench-hot-{i}-"),
+            key_prefix: format!("bench-hot-{run}-{i}-"),
             seq: 0,
         })
         .collect()
 }
 
 /// `deduct-spread` callers: each call acts as the editor of a random one of
-/// the 1,000 spread accounts.
+/// the 1,000 spread accounts. `run` makes idempotency keys unique across
+/// runs on one database.
 pub fn deduct_spread_callers(
     channels: &[Channel],
     callers: usize,
     per: usize,
+    run: usize,
 ) -> Vec<DeductCaller> {
     let targets: Arc<[Target]> = spread_accounts()
         .into_iter()
@@ -203,7 +211,7 @@ pub fn deduct_spread_callers(
             channel: channel_for(channels, i, per),
             targets: targets.clone(),
             rng: seed(i),
-            key_prefix: format!("bench-spread-{i}-"),
+            key_prefix: format!("bench-spread-{run}-{i}-"),
             seq: 0,
         })
         .collect()

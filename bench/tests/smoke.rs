@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const ALL: &str = "baseline,deduct-hot,deduct-spread,cost,check-module,deduct-module";
+const ALL: &str = "baseline,deduct-hot,deduct-hot-unbatched,deduct-spread,deduct-spread-unbatched,cost,check-module,deduct-module";
 
 /// Runs the binary briefly with `--json` and parses what it printed.
 fn bench(backend: &str, scenarios: &str) -> Value {
@@ -64,7 +64,11 @@ fn assert_scenario_sound(s: &Value) {
     if name.starts_with("deduct-") {
         let v = &s["verification"];
         assert_eq!(v["passed"], true, "{name}: {v:#}");
-        let accounts = if name == "deduct-spread" { 1000 } else { 1 };
+        let accounts = if name.starts_with("deduct-hot") {
+            1
+        } else {
+            1000
+        };
         assert_eq!(v["accounts"], accounts, "{v:#}");
         // Every measured success was a deduct the server acknowledged.
         assert!(
@@ -123,6 +127,14 @@ macro_rules! each_scenario {
                 super::scenario_alone(stringify!($backend), "deduct-hot");
             }
             #[test]
+            fn deduct_hot_unbatched() {
+                super::scenario_alone(stringify!($backend), "deduct-hot-unbatched");
+            }
+            #[test]
+            fn deduct_spread_unbatched() {
+                super::scenario_alone(stringify!($backend), "deduct-spread-unbatched");
+            }
+            #[test]
             fn deduct_spread() {
                 super::scenario_alone(stringify!($backend), "deduct-spread");
             }
@@ -134,6 +146,7 @@ macro_rules! each_scenario {
             fn check_module() {
                 super::scenario_alone(stringify!($backend), "check-module");
             }
+
             #[test]
             fn deduct_module() {
                 super::scenario_alone(stringify!($backend), "deduct-module");
@@ -156,6 +169,90 @@ fn one_run_of_every_scenario_reports_ratios_to_its_own_baseline() {
             number(s, "requests_per_sec") / number(&report["scenarios"][0], "requests_per_sec");
         assert!((ratio - expected).abs() < 1e-9, "{s:#}");
     }
+    // Batched vs one request per transaction, for both deduct scenarios.
+    let gains = report["batching_gains"].as_array().expect("batching_gains");
+    let scenarios: Vec<&str> = gains
+        .iter()
+        .map(|g| g["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(scenarios, ["deduct-hot", "deduct-spread"]);
+    for g in gains {
+        let expected = number(g, "batched_per_sec") / number(g, "unbatched_per_sec");
+        assert!((number(g, "ratio") - expected).abs() < 1e-9, "{g:#}");
+    }
+}
+
+/// Runs the binary with extra arguments and parses its JSON.
+fn bench_with(backend: &str, scenarios: &str, extra: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
+        .args(["--backend", backend, "--scenarios", scenarios])
+        .args(["--duration", "1s", "--warmup", "0s", "--concurrency", "4"])
+        .args(extra)
+        .arg("--json")
+        .output()
+        .expect("igny8-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {}:\n{stderr}", out.status);
+    serde_json::from_slice(&out.stdout).expect("one JSON document")
+}
+
+#[test]
+fn open_loop_at_a_fixed_rate() {
+    let report = bench_with(
+        "sqlite",
+        "baseline,cost",
+        &["--rate", "200", "--max-in-flight", "16"],
+    );
+    for s in report["scenarios"].as_array().expect("scenarios") {
+        assert_eq!(s["load"]["mode"], "open", "{s:#}");
+        assert_eq!(s["load"]["target_rate"], 200.0, "{s:#}");
+        assert_scenario_sound(s);
+        // 200/s for 1 s: exactly 200 calls were due in the window.
+        assert_eq!(
+            number(s, "requests") + number(s, "error_count"),
+            200.0,
+            "{s:#}"
+        );
+        let lag = &s["start_lag_ms"];
+        assert!(number(lag, "p50") <= number(lag, "p99"), "{lag}");
+        // No closed-loop baseline: no ratio.
+        assert!(s["ratio_to_baseline"].is_null(), "{s:#}");
+    }
+}
+
+#[test]
+fn open_loop_at_half_the_measured_peak() {
+    let report = bench_with("sqlite", "deduct-hot,cost", &["--open-loop-at-half-peak"]);
+    let s = report["scenarios"].as_array().expect("scenarios");
+    let rows: Vec<(&str, &str)> = s
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap(),
+                s["load"]["mode"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // Only the deduct scenario gets the extra open-loop run.
+    assert_eq!(
+        rows,
+        [
+            ("deduct-hot", "closed"),
+            ("deduct-hot", "open"),
+            ("cost", "closed")
+        ]
+    );
+    let peak = number(&s[0], "requests_per_sec");
+    assert!((number(&s[1]["load"], "target_rate") - peak / 2.0).abs() < 1e-9);
+    for row in s {
+        assert_scenario_sound(row);
+    }
+    // The second run's deducts are verified on top of the first run's.
+    assert!(
+        number(&s[1]["verification"], "successful_deducts")
+            >= number(&s[0]["verification"], "successful_deducts") + number(&s[1], "requests")
+    );
+    assert_eq!(report["verification_passed"], true);
 }
 
 #[test]

@@ -100,13 +100,28 @@ impl RpcMetrics {
         self.in_flight.inc();
     }
 
-    pub(crate) fn finished(&self, labels: &RpcLabels, elapsed: Duration) {
-        self.in_flight.dec();
-        self.handled.get_or_create(labels).inc();
-        self.latency
-            .get_or_create(labels)
-            .observe(elapsed.as_secs_f64());
+    /// The counter and histogram of one label set, shared with the
+    /// families: keep it to count calls without a family lookup (a lock
+    /// and a label hash each) per call.
+    pub(crate) fn series(&self, labels: &RpcLabels) -> RpcSeries {
+        RpcSeries {
+            handled: self.handled.get_or_create(labels).clone(),
+            latency: self.latency.get_or_create(labels).clone(),
+        }
     }
+
+    pub(crate) fn finished(&self, series: &RpcSeries, elapsed: Duration) {
+        self.in_flight.dec();
+        series.handled.inc();
+        series.latency.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// One (service, method, code) series of [`RpcMetrics`].
+#[derive(Debug, Clone)]
+pub(crate) struct RpcSeries {
+    handled: Counter,
+    latency: Histogram,
 }
 
 /// Database pool gauges, refreshed at each scrape (reading the pool is

@@ -23,7 +23,7 @@ use std::{
     collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
@@ -36,7 +36,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 
-use crate::metrics::{RpcLabels, RpcMetrics, code_label};
+use crate::metrics::{RpcLabels, RpcMetrics, RpcSeries, code_label};
 
 /// Reflection is served in two versions; neither ships a descriptor set we
 /// could read the paths from, and they are fixed by the gRPC project.
@@ -55,32 +55,48 @@ const USUAL_PORTS: [(&str, u16); 2] = [
 /// `ErrorInfo.domain` of a call to a method this server does not serve.
 pub const UNKNOWN_METHOD_DOMAIN: &str = "server.igny8";
 
-/// A method's names, shared by every call to it.
-#[derive(Debug, Clone)]
+/// A method's names, shared by every call to it, and its metric series
+/// once a call has ended with each status code.
+#[derive(Debug)]
 struct RpcName {
     /// `pkg.Service`.
     service: Arc<String>,
     /// `Method`.
     method: Arc<String>,
     /// `pkg.Service/Method`: the OpenTelemetry span name (semantic conventions).
-    span_name: Arc<String>,
+    span_name: String,
+    /// By `tonic::Code` (0–16): the series are created on first use, so
+    /// only codes that occurred are exported.
+    series: [OnceLock<RpcSeries>; 17],
 }
 
 impl RpcName {
-    fn new(service: &str, method: &str) -> Self {
-        Self {
+    fn new(service: &str, method: &str) -> Arc<Self> {
+        Arc::new(Self {
             service: Arc::new(service.to_owned()),
             method: Arc::new(method.to_owned()),
-            span_name: Arc::new(format!("{service}/{method}")),
-        }
+            span_name: format!("{service}/{method}"),
+            series: Default::default(),
+        })
+    }
+
+    /// This method's series for `code`, in `metrics`.
+    fn series(&self, metrics: &RpcMetrics, code: Code) -> &RpcSeries {
+        self.series[code as usize].get_or_init(|| {
+            metrics.series(&RpcLabels {
+                grpc_service: self.service.clone(),
+                grpc_method: self.method.clone(),
+                grpc_code: code_label(code),
+            })
+        })
     }
 }
 
 /// The methods a server serves, by HTTP/2 path.
 #[derive(Debug)]
 pub(crate) struct KnownMethods {
-    by_path: HashMap<String, RpcName>,
-    unknown: RpcName,
+    by_path: HashMap<String, Arc<RpcName>>,
+    unknown: Arc<RpcName>,
     /// The application service this server serves (the first name given).
     served: String,
 }
@@ -125,7 +141,7 @@ impl KnownMethods {
         }
     }
 
-    fn name(&self, path: &str) -> &RpcName {
+    fn name(&self, path: &str) -> &Arc<RpcName> {
         self.by_path.get(path).unwrap_or(&self.unknown)
     }
 
@@ -180,14 +196,14 @@ impl KnownMethods {
 #[derive(Debug, Clone)]
 pub(crate) struct RpcLayer {
     methods: Arc<KnownMethods>,
-    metrics: RpcMetrics,
+    metrics: Arc<RpcMetrics>,
 }
 
 impl RpcLayer {
     pub(crate) fn new(methods: KnownMethods, metrics: RpcMetrics) -> Self {
         Self {
             methods: Arc::new(methods),
-            metrics,
+            metrics: Arc::new(metrics),
         }
     }
 }
@@ -208,7 +224,7 @@ impl<S> Layer<S> for RpcLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct RpcService<S> {
     methods: Arc<KnownMethods>,
-    metrics: RpcMetrics,
+    metrics: Arc<RpcMetrics>,
     inner: S,
 }
 
@@ -292,14 +308,14 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
 /// Records the end of one call, exactly once.
 struct Observer {
     span: Span,
-    metrics: RpcMetrics,
-    name: RpcName,
+    metrics: Arc<RpcMetrics>,
+    name: Arc<RpcName>,
     start: Instant,
     finished: bool,
 }
 
 impl Observer {
-    fn start(span: Span, metrics: RpcMetrics, name: RpcName) -> Self {
+    fn start(span: Span, metrics: Arc<RpcMetrics>, name: Arc<RpcName>) -> Self {
         metrics.started();
         Self {
             span,
@@ -318,14 +334,9 @@ impl Observer {
         if is_server_error(code) {
             self.span.record("otel.status_code", "ERROR");
         }
-        self.metrics.finished(
-            &RpcLabels {
-                grpc_service: self.name.service.clone(),
-                grpc_method: self.name.method.clone(),
-                grpc_code: code_label(code),
-            },
-            self.elapsed(),
-        );
+        let elapsed = self.elapsed();
+        self.metrics
+            .finished(self.name.series(&self.metrics, code), elapsed);
     }
 
     fn elapsed(&self) -> Duration {
