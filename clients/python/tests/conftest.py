@@ -37,7 +37,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import igny8_client
+
 REPO = Path(__file__).resolve().parents[3]
+
+# pyproject.toml puts src/ first on sys.path: the tests must exercise the
+# checkout, never a copy installed earlier with pip.
+assert Path(igny8_client.__file__).resolve().is_relative_to(REPO / "clients" / "python" / "src"), (
+    f"testing {igny8_client.__file__}, not the source tree: run pytest from clients/python"
+)
 
 
 def _required_env(name: str) -> str:
