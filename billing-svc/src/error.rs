@@ -68,6 +68,17 @@ pub enum BillingError {
         /// Credits the hold holds.
         held: i64,
     },
+    /// The transaction is not a charge (a GRANT or REFUND row): only DEDUCT
+    /// and CAPTURE rows can be refunded.
+    #[error(
+        "transaction {id} is a {kind} row; only DEDUCT and CAPTURE transactions can be refunded"
+    )]
+    NotRefundable {
+        /// The row.
+        id: i64,
+        /// Its kind, upper case.
+        kind: String,
+    },
     /// A refund asked for more than is left to refund; nothing changed.
     #[error("cannot refund {requested} credits: {refundable} left to refund on this transaction")]
     RefundExceedsCharge {
@@ -132,6 +143,7 @@ impl BillingError {
             BillingError::HoldNotActive { .. }
             | BillingError::CaptureExceedsHold { .. }
             | BillingError::RefundExceedsCharge { .. }
+            | BillingError::NotRefundable { .. }
             | BillingError::BalanceOverflow { .. } => Code::FailedPrecondition,
             BillingError::Overloaded(_) => Code::ResourceExhausted,
             BillingError::Unavailable(_) | BillingError::WriteFailed => Code::Unavailable,
@@ -210,6 +222,11 @@ impl From<BillingError> for Status {
                     ("requested".to_owned(), requested.to_string()),
                     ("refundable".to_owned(), refundable.to_string()),
                 ]),
+            ),
+            BillingError::NotRefundable { kind, .. } => ErrorDetails::with_error_info(
+                "NOT_REFUNDABLE",
+                ERROR_DOMAIN,
+                HashMap::from([("kind".to_owned(), kind.clone())]),
             ),
             BillingError::BalanceOverflow { .. } => {
                 ErrorDetails::with_error_info("BALANCE_OVERFLOW", ERROR_DOMAIN, HashMap::new())

@@ -18,7 +18,7 @@ use igny8_db::{Db, on_pool};
 
 use crate::{
     error::BillingError,
-    writer::{Done, Op, Writer, WriterConfig},
+    writer::{Clock, Done, Op, Writer, WriterConfig, system_clock},
 };
 
 /// What kind of change a row records.
@@ -262,10 +262,20 @@ pub fn micros(t: DateTime<Utc>) -> i64 {
 
 /// Ledger access for one database: writes through the batching writer,
 /// reads straight from the pool.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Ledger {
     db: Db,
     writer: Writer,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("db", &self.db)
+            .field("writer", &self.writer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ledger {
@@ -278,8 +288,19 @@ impl Ledger {
 
     /// The ledger in this database, with this writer configuration.
     pub fn with_config(db: Db, config: WriterConfig) -> Self {
-        let writer = Writer::start(db.clone(), config);
-        Self { db, writer }
+        Self::with_clock(db, config, system_clock())
+    }
+
+    /// The ledger with this writer configuration and clock (tests drive
+    /// hold expiry with it).
+    pub fn with_clock(db: Db, config: WriterConfig, clock: Clock) -> Self {
+        let writer = Writer::start_with_clock(db.clone(), config, clock.clone());
+        Self { db, writer, clock }
+    }
+
+    /// The time, as this ledger's clock tells it.
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
     }
 
     /// The writer, for operations beyond [`Ledger::apply`].
@@ -315,7 +336,7 @@ impl Ledger {
     /// The account's balance and active holds, as of now.
     #[tracing::instrument(name = "ledger.balance", skip(self), err(level = "debug"))]
     pub async fn balance(&self, account: i64) -> Result<Balance, BillingError> {
-        let now_us = micros(Utc::now());
+        let now_us = micros(self.now());
         let found: Option<(i64, i64)> = on_pool!(&self.db, pool => sqlx::query_as(BALANCE).bind(account).bind(now_us).fetch_optional(pool).await)?;
         let (balance, held) = found.ok_or(BillingError::AccountNotFound(account))?;
         Ok(Balance { balance, held })

@@ -99,6 +99,11 @@ pub async fn build_with(
         },
         &key_material,
     );
+    billing
+        .ledger()
+        .writer()
+        .metrics()
+        .register(server.metrics_registry());
     let deducts = metrics::DeductMetrics::default();
     deducts.register(server.metrics_registry());
     let service = BillingServiceServer::new(metrics::Metered::new(billing, deducts));

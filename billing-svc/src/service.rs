@@ -160,6 +160,15 @@ impl Billing {
         }
     }
 
+    /// The ledger this service writes through.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    fn now_us(&self) -> i64 {
+        micros(self.ledger.now())
+    }
+
     fn price(&self, cost: Option<CostSpec>, prefix: &str) -> Result<Priced, BillingError> {
         match cost {
             None => Err(BillingError::field(
@@ -352,10 +361,6 @@ pub fn hold(row: HoldRow, now_us: i64) -> pb::Hold {
         expire_time: Some(timestamp_us(row.expires_at_us)),
         transaction_id: row.transaction_id.unwrap_or_default(),
     }
-}
-
-fn now_us() -> i64 {
-    micros(chrono::Utc::now())
 }
 
 /// The writer answered a request with the wrong kind of result: a bug.
@@ -634,7 +639,7 @@ impl BillingService for Billing {
             } => {
                 tracing::debug!(account, replayed, "reserved");
                 Ok(Response::new(pb::ReserveResponse {
-                    hold: Some(hold(row, now_us())),
+                    hold: Some(hold(row, self.now_us())),
                     available,
                     replayed,
                 }))
@@ -675,7 +680,7 @@ impl BillingService for Billing {
             } => {
                 tracing::debug!(account, replayed, "captured");
                 Ok(Response::new(pb::CaptureHoldResponse {
-                    hold: Some(hold(h, now_us())),
+                    hold: Some(hold(h, self.now_us())),
                     balance: row.balance_after,
                     transaction: Some(transaction(row)),
                     replayed,
@@ -695,7 +700,7 @@ impl BillingService for Billing {
         let op = Op::Release { hold_id: r.hold_id };
         match self.ledger.writer().submit(account, op).await? {
             Done::Released { hold: h, replayed } => Ok(Response::new(pb::ReleaseHoldResponse {
-                hold: Some(hold(h, now_us())),
+                hold: Some(hold(h, self.now_us())),
                 replayed,
             })),
             other => Err(unexpected(&other)),
@@ -711,7 +716,7 @@ impl BillingService for Billing {
         check_hold_id(&r.hold_id)?;
         let row = self.ledger.hold(account, &r.hold_id).await?;
         Ok(Response::new(pb::GetHoldResponse {
-            hold: Some(hold(row, now_us())),
+            hold: Some(hold(row, self.now_us())),
         }))
     }
 

@@ -66,6 +66,9 @@ pub struct WriterConfig {
 
 /// Default `max_batch`: chosen by measurement (README "Benchmarks").
 pub const DEFAULT_MAX_BATCH: usize = 128;
+/// Largest `max_batch` accepted: keeps every batch statement within
+/// SQLite's expression-depth and bound-parameter limits.
+pub const MAX_BATCH_LIMIT: usize = 512;
 /// Default queue bound per shard.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 /// Default per-account share of a shard's queue.
@@ -106,7 +109,7 @@ impl WriterConfig {
                 },
             }
         };
-        config.max_batch = read("IGNY8_LEDGER_MAX_BATCH", config.max_batch, 1000)?;
+        config.max_batch = read("IGNY8_LEDGER_MAX_BATCH", config.max_batch, MAX_BATCH_LIMIT)?;
         config.shards = read("IGNY8_LEDGER_SHARDS", config.shards, 64)?;
         config.queue_capacity = read("IGNY8_LEDGER_QUEUE", config.queue_capacity, 1_000_000)?;
         config.account_share = read(
@@ -244,6 +247,15 @@ struct Shard {
     waiting: Arc<Mutex<HashMap<i64, usize>>>,
 }
 
+/// The writer's clock: decides when holds expire. Tests replace it to
+/// drive expiry without sleeping.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
 /// A commit hook: called after every committed batch with the accounts it
 /// changed (in-process change notification).
 pub type OnCommit = Arc<dyn Fn(&[i64]) + Send + Sync>;
@@ -255,6 +267,7 @@ pub struct Writer {
     shards: Arc<Vec<Shard>>,
     config: WriterConfig,
     on_commit: Arc<Mutex<Option<OnCommit>>>,
+    metrics: WriterMetrics,
 }
 
 impl std::fmt::Debug for Writer {
@@ -268,7 +281,13 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Starts one writer task per shard on the current Tokio runtime.
     pub fn start(db: Db, config: WriterConfig) -> Self {
+        Self::start_with_clock(db, config, system_clock())
+    }
+
+    /// [`Writer::start`] with a given clock.
+    pub fn start_with_clock(db: Db, config: WriterConfig, clock: Clock) -> Self {
         let on_commit: Arc<Mutex<Option<OnCommit>>> = Arc::default();
+        let metrics = WriterMetrics::default();
         let shards = (0..config.shards.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
@@ -279,6 +298,8 @@ impl Writer {
                     config.max_batch.max(1),
                     waiting.clone(),
                     on_commit.clone(),
+                    clock.clone(),
+                    metrics.clone(),
                 ));
                 Shard { tx, waiting }
             })
@@ -287,12 +308,18 @@ impl Writer {
             shards: Arc::new(shards),
             config,
             on_commit,
+            metrics,
         }
     }
 
     /// Installs the hook called after each commit with the changed accounts.
     pub fn set_on_commit(&self, hook: OnCommit) {
         *self.on_commit.lock().expect("hook lock") = Some(hook);
+    }
+
+    /// The writer's counters, to register on a metrics registry.
+    pub fn metrics(&self) -> &WriterMetrics {
+        &self.metrics
     }
 
     /// The configuration the writer runs with.
@@ -310,6 +337,12 @@ impl Writer {
             let mut waiting = shard.waiting.lock().expect("share lock");
             let n = waiting.entry(account).or_default();
             if *n >= self.config.account_share {
+                self.metrics
+                    .refused
+                    .get_or_create(&RefusedLabels {
+                        limit: "account_share",
+                    })
+                    .inc();
                 return Err(BillingError::Overloaded(
                     "this account's share of the ledger queue is full",
                 ));
@@ -322,6 +355,10 @@ impl Writer {
             release_share(&shard.waiting, account);
             return Err(match e {
                 mpsc::error::TrySendError::Full(_) => {
+                    self.metrics
+                        .refused
+                        .get_or_create(&RefusedLabels { limit: "queue" })
+                        .inc();
                     BillingError::Overloaded("the ledger queue is full")
                 }
                 mpsc::error::TrySendError::Closed(_) => BillingError::WriteFailed,
@@ -351,6 +388,8 @@ async fn run_shard(
     max_batch: usize,
     waiting: Arc<Mutex<HashMap<i64, usize>>>,
     on_commit: Arc<Mutex<Option<OnCommit>>>,
+    clock: Clock,
+    metrics: WriterMetrics,
 ) {
     let mut jobs = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut jobs, max_batch).await > 0 {
@@ -363,7 +402,7 @@ async fn run_shard(
             continue;
         }
         let batch: Vec<Job> = std::mem::take(&mut jobs);
-        let changed = process(&db, batch).await;
+        let changed = process(&db, batch, &clock, &metrics).await;
         if !changed.is_empty() {
             let hook = on_commit.lock().expect("hook lock").clone();
             if let Some(hook) = hook {
@@ -374,34 +413,42 @@ async fn run_shard(
 }
 
 /// Applies a batch and answers its callers; returns the accounts changed.
-async fn process(db: &Db, batch: Vec<Job>) -> Vec<i64> {
+async fn process(db: &Db, batch: Vec<Job>, clock: &Clock, metrics: &WriterMetrics) -> Vec<i64> {
     let requests: Vec<(i64, &Op)> = batch.iter().map(|j| (j.account, &j.op)).collect();
     let size = batch.len();
-    match apply_batch(db, &requests).await {
+    match apply_batch(db, &requests, clock).await {
         Ok((answers, changed)) => {
-            metrics::record_batch(size);
+            metrics.batches.inc();
+            metrics.requests.inc_by(size as u64);
             for (job, answer) in batch.into_iter().zip(answers) {
                 let _ = job.reply.send(answer);
             }
             changed
         }
         Err(e) if size > 1 => {
+            metrics.failures.inc();
             tracing::warn!(error = %e, size, "ledger batch failed; retrying its requests one by one");
             let mut changed = BTreeSet::new();
             for job in batch {
                 let one = [(job.account, &job.op)];
-                let answer = match apply_batch(db, &one).await {
+                let answer = match apply_batch(db, &one, clock).await {
                     Ok((mut answers, c)) => {
+                        metrics.batches.inc();
+                        metrics.requests.inc();
                         changed.extend(c);
                         answers.pop().unwrap_or(Err(BillingError::WriteFailed))
                     }
-                    Err(e) => Err(batch_error(e)),
+                    Err(e) => {
+                        metrics.failures.inc();
+                        Err(batch_error(e))
+                    }
                 };
                 let _ = job.reply.send(answer);
             }
             changed.into_iter().collect()
         }
         Err(e) => {
+            metrics.failures.inc();
             for job in batch {
                 let _ = job.reply.send(Err(batch_error_ref(&e)));
             }
@@ -423,24 +470,54 @@ fn batch_error_ref(e: &sqlx::Error) -> BillingError {
     BillingError::WriteFailed
 }
 
-/// Batch sizes, for the metrics endpoint and the benchmark.
-pub mod metrics {
-    use std::sync::atomic::{AtomicU64, Ordering};
+/// The writer's Prometheus counters.
+#[derive(Debug, Clone, Default)]
+pub struct WriterMetrics {
+    batches: prometheus_client::metrics::counter::Counter,
+    requests: prometheus_client::metrics::counter::Counter,
+    failures: prometheus_client::metrics::counter::Counter,
+    refused: prometheus_client::metrics::family::Family<
+        RefusedLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
 
-    static BATCHES: AtomicU64 = AtomicU64::new(0);
-    static REQUESTS: AtomicU64 = AtomicU64::new(0);
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RefusedLabels {
+    limit: &'static str,
+}
 
-    pub(super) fn record_batch(size: usize) {
-        BATCHES.fetch_add(1, Ordering::Relaxed);
-        REQUESTS.fetch_add(size as u64, Ordering::Relaxed);
+impl WriterMetrics {
+    /// Registers `igny8_ledger_batches_total`,
+    /// `igny8_ledger_batched_requests_total`,
+    /// `igny8_ledger_batch_failures_total` and
+    /// `igny8_ledger_refused_total{limit}`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "igny8_ledger_batches",
+            "Ledger transactions committed by the batching writer",
+            self.batches.clone(),
+        );
+        registry.register(
+            "igny8_ledger_batched_requests",
+            "Requests applied in committed batches (divide by batches for the mean batch size)",
+            self.requests.clone(),
+        );
+        registry.register(
+            "igny8_ledger_batch_failures",
+            "Batch transactions that failed and were rolled back",
+            self.failures.clone(),
+        );
+        registry.register(
+            "igny8_ledger_refused",
+            "Requests refused at once because a writer queue bound was reached (queue, account_share)",
+            self.refused.clone(),
+        );
     }
 
-    /// Committed batches and the requests they carried, since start.
-    pub fn totals() -> (u64, u64) {
-        (
-            BATCHES.load(Ordering::Relaxed),
-            REQUESTS.load(Ordering::Relaxed),
-        )
+    /// Committed batches and the requests they carried.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.batches.get(), self.requests.get())
     }
 }
 
@@ -799,6 +876,12 @@ pub fn decide(requests: &[(i64, &Op)], loaded: &mut Loaded, now: DateTime<Utc>) 
                                     }
                                 }
                             }
+                        }
+                        Some(orig) if orig.account_id == account => {
+                            Pending::Failed(BillingError::NotRefundable {
+                                id: orig.id,
+                                kind: orig.kind.to_uppercase(),
+                            })
                         }
                         _ => Pending::Failed(BillingError::TransactionNotFound(r.transaction_id)),
                     }
@@ -1258,7 +1341,11 @@ type Answers = Vec<Result<Done, BillingError>>;
 
 /// One transaction for the whole batch. `Err` means it was rolled back and
 /// nothing in it happened.
-async fn apply_batch(db: &Db, requests: &[(i64, &Op)]) -> Result<(Answers, Vec<i64>), sqlx::Error> {
+async fn apply_batch(
+    db: &Db,
+    requests: &[(i64, &Op)],
+    clock: &Clock,
+) -> Result<(Answers, Vec<i64>), sqlx::Error> {
     let backend = db.backend();
     on_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
@@ -1267,7 +1354,10 @@ async fn apply_batch(db: &Db, requests: &[(i64, &Op)]) -> Result<(Answers, Vec<i
         let lock = lock_accounts(backend, requests);
         let locked: Vec<(i64, i64, i64)> =
             bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(lock.text)), lock.args).fetch_all(&mut *tx).await?;
-        let now = Utc::now();
+        // Microseconds: what both backends store, so answers built in memory
+        // equal what a later read returns.
+        let now = clock();
+        let now = DateTime::from_timestamp_micros(micros(now)).unwrap_or(now);
         let r = reads(requests, now);
         let mut loaded = Loaded {
             accounts: locked.iter().map(|&(id, c, h)| (id, (c, h))).collect(),

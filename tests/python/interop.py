@@ -349,6 +349,56 @@ def main(argv: list[str] | None = None) -> int:
 
             checks.check("service token act-as", service_act_as)
 
+            # --- holds: reserve -> capture -> refund ------------------------
+            def hold_flow():
+                r = billing.Reserve(
+                    billing_pb2.ReserveRequest(credits=20, idempotency_key="python-hold-1"),
+                    metadata=user_md,
+                    timeout=TIMEOUT,
+                )
+                h = r.hold
+                assert h.state == billing_pb2.HOLD_STATE_ACTIVE, f"state {h.state}"
+                assert r.available == balance - 20, f"available after Reserve {r.available}"
+                b = billing.GetBalance(billing_pb2.GetBalanceRequest(), metadata=user_md, timeout=TIMEOUT)
+                assert (b.balance, b.held, b.available) == (balance, 20, balance - 20), f"GetBalance {b}"
+                c = billing.CaptureHold(
+                    billing_pb2.CaptureHoldRequest(hold_id=h.id, credits=15),
+                    metadata=user_md,
+                    timeout=TIMEOUT,
+                )
+                assert c.hold.state == billing_pb2.HOLD_STATE_CAPTURED, f"state {c.hold.state}"
+                assert c.transaction.kind == billing_pb2.TRANSACTION_KIND_CAPTURE
+                assert c.transaction.hold_id == h.id and c.transaction.credits == -15
+                assert c.balance == balance - 15, f"balance after capture {c.balance}"
+                err = expect_error(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "a second, different capture",
+                    billing.CaptureHold,
+                    billing_pb2.CaptureHoldRequest(hold_id=h.id, credits=5),
+                    metadata=user_md,
+                )
+                assert "HOLD_NOT_ACTIVE" in str(rpc_status.from_call(err)), "no HOLD_NOT_ACTIVE detail"
+                staff = bearer(args.service_token, (ACT_AS_HEADER, account))
+                f = billing.Refund(
+                    billing_pb2.RefundRequest(
+                        transaction_id=c.transaction.id, idempotency_key="python-refund-1", reason="interop"
+                    ),
+                    metadata=staff,
+                    timeout=TIMEOUT,
+                )
+                assert f.transaction.kind == billing_pb2.TRANSACTION_KIND_REFUND
+                assert f.transaction.refund_of == c.transaction.id and f.transaction.credits == 15
+                assert f.balance == balance, f"balance after refund {f.balance}"
+                expect_error(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "a member refunding",
+                    billing.Refund,
+                    billing_pb2.RefundRequest(transaction_id=c.transaction.id, idempotency_key="python-refund-2"),
+                    metadata=user_md,
+                )
+
+            checks.check("Reserve -> CaptureHold -> Refund", hold_flow)
+
             # --- settings ----------------------------------------------------
             flags = [f.name for f in settings_pb2.ModuleSettings.DESCRIPTOR.fields if f.name.endswith("_enabled")]
             assert len(flags) == 8, f"expected 8 module switches, found {flags}"

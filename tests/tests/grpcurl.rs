@@ -170,6 +170,92 @@ async fn grpcurl_drives_billing_through_reflection() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
 }
 
+/// One full hold flow as a person would type it: Reserve → CaptureHold →
+/// Refund, with the balance read in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_reserve_capture_refund() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.account(1).credits(100).create().await;
+    db.account(99).create().await;
+    db.user(10).account(1).role("editor").create().await;
+    db.user(90).account(99).role("developer").create().await;
+    let server = Process::start(
+        "billing-svc",
+        igny8_proto::BILLING_SERVICE_NAME,
+        &db.url,
+        &[],
+    )
+    .await;
+    let g = Grpcurl {
+        addr: server.addr.to_string(),
+        token: access_token(10, None),
+    };
+    let methods = g.text(&["list", "igny8.billing.v1.BillingService"]);
+    for m in ["Reserve", "CaptureHold", "ReleaseHold", "GetHold", "Refund"] {
+        assert!(
+            methods.contains(&format!("igny8.billing.v1.BillingService.{m}")),
+            "{methods}"
+        );
+    }
+    let r = g.ok(
+        "igny8.billing.v1.BillingService/Reserve",
+        r#"{"usage":{"operation":"content","quantity":4000},"idempotency_key":"job-1","ttl":"600s"}"#,
+    );
+    assert_eq!(r["hold"]["state"], "HOLD_STATE_ACTIVE", "{r}");
+    assert_eq!(r["hold"]["credits"], "40");
+    assert_eq!(r["available"], "60");
+    let hold = r["hold"]["id"].as_str().unwrap().to_owned();
+    let (ok, b) = g.call(
+        &["-emit-defaults"],
+        "igny8.billing.v1.BillingService/GetBalance",
+        "{}",
+    );
+    assert!(ok, "{b}");
+    let b: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(
+        (&b["balance"], &b["held"], &b["available"]),
+        (&"100".into(), &"40".into(), &"60".into())
+    );
+    let c = g.ok(
+        "igny8.billing.v1.BillingService/CaptureHold",
+        &format!(r#"{{"hold_id":"{hold}","usage":{{"operation":"content","quantity":2500}}}}"#),
+    );
+    assert_eq!(c["hold"]["state"], "HOLD_STATE_CAPTURED", "{c}");
+    assert_eq!(c["transaction"]["kind"], "TRANSACTION_KIND_CAPTURE");
+    assert_eq!(c["transaction"]["credits"], "-25");
+    assert_eq!(c["transaction"]["hold_id"], hold.as_str());
+    assert_eq!(c["balance"], "75");
+    let tx = c["transaction"]["id"].as_str().unwrap().to_owned();
+    // A second, different capture: HOLD_NOT_ACTIVE with the state.
+    let (ok, text) = g.call(
+        &[],
+        "igny8.billing.v1.BillingService/CaptureHold",
+        &format!(r#"{{"hold_id":"{hold}","credits":1}}"#),
+    );
+    assert!(
+        !ok && text.contains("HOLD_NOT_ACTIVE") && text.contains("HOLD_STATE_CAPTURED"),
+        "{text}"
+    );
+    // Staff refund it (act-as the account).
+    let staff = Grpcurl {
+        addr: g.addr.clone(),
+        token: access_token(90, None),
+    };
+    let (ok, text) = staff.call(
+        &["-H", "x-igny8-act-as-account: 1"],
+        "igny8.billing.v1.BillingService/Refund",
+        &format!(
+            r#"{{"transaction_id":"{tx}","idempotency_key":"refund-1","reason":"bad output"}}"#
+        ),
+    );
+    assert!(ok, "{text}");
+    let f: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(f["transaction"]["kind"], "TRANSACTION_KIND_REFUND", "{f}");
+    assert_eq!(f["transaction"]["refund_of"], tx.as_str());
+    assert_eq!(f["transaction"]["credits"], "25");
+    assert_eq!(f["balance"], "100");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_drives_settings_through_reflection() {
     let db = TestDb::new(Backend::Sqlite).await;

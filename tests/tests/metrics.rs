@@ -180,6 +180,17 @@ async fn metrics_count_rpcs_auth_deducts_and_pool() {
         "no deduct failed on the server side"
     );
 
+    // The writer's batches: every write that reached the database (ok,
+    // replayed, insufficient, key_reused) was in a committed batch.
+    let batches = metric_value(&text, "igny8_ledger_batches_total").expect("batches");
+    let requests =
+        metric_value(&text, "igny8_ledger_batched_requests_total").expect("batched requests");
+    assert!(
+        batches >= 1.0 && requests >= 4.0 && requests >= batches,
+        "{batches} {requests}"
+    );
+    assert_metric(&text, "igny8_ledger_batch_failures_total", 0.0);
+
     // Pool state and health.
     let open = metric_value(&text, "igny8_db_pool_connections").expect("pool size");
     let idle = metric_value(&text, "igny8_db_pool_idle_connections").expect("pool idle");

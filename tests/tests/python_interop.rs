@@ -106,9 +106,10 @@ async fn python_grpcio_client_drives_both_binaries() {
     println!("{stdout}");
 
     // The Python client's writes are visible in the database the Rust side
-    // owns: one deduction of 10 (the replay and the refusal wrote nothing).
+    // owns: one deduction of 10 (the replay and the refusal wrote nothing),
+    // and a capture of 15 refunded in full.
     assert_eq!(db.balance(1).await, 90);
-    assert_eq!(db.ledger_sum(1).await, (-10, 1));
+    assert_eq!(db.ledger_sum(1).await, (-10, 3));
     assert_eq!(
         db.balance(2).await,
         5000,

@@ -1,0 +1,415 @@
+//! The batching ledger writer end to end: replicas batching against one
+//! database, a batch whose transaction dies, a full queue, a caller that
+//! gives up. Both backends where they apply.
+
+use std::{collections::HashMap, time::Duration};
+
+use billing_svc::{BillingOptions, writer::WriterConfig};
+use igny8_db::on_pool;
+use igny8_tests::*;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const ACCOUNTS: i64 = 10;
+const START: i64 = 1_000;
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+async fn seed_accounts(db: &TestDb) {
+    for a in 1..=ACCOUNTS {
+        db.account(a).credits(START).create().await;
+        db.user(100 + a).account(a).role("editor").create().await;
+    }
+}
+
+/// Two replicas × 200 concurrent deducts on 10 shared accounts, random keys
+/// with deliberate repeats (same request: replay; different amount: key
+/// reuse). Balances and ledgers exact, no deadlock, every reply correct.
+async fn two_replicas_batch_exactly(b: Backend) {
+    let db = TestDb::new(b).await;
+    seed_accounts(&db).await;
+    let replicas = [spawn_billing(&db).await, spawn_billing(&db).await];
+    let mut rng = StdRng::seed_from_u64(7);
+    // Per request: (replica, account, key, credits).
+    let mut plan: Vec<(usize, i64, String, i64)> = Vec::new();
+    for i in 0..400 {
+        let account = rng.gen_range(1..=ACCOUNTS);
+        let credits = rng.gen_range(1..=40);
+        let key = if i > 20 && rng.gen_bool(0.2) {
+            // Repeat an earlier key of this account: same or different amount.
+            let earlier: Vec<&(usize, i64, String, i64)> =
+                plan.iter().filter(|p| p.1 == account).collect();
+            match earlier.last() {
+                Some(p) if rng.gen_bool(0.5) => {
+                    plan.push((i % 2, account, p.2.clone(), p.3));
+                    continue;
+                }
+                Some(p) => p.2.clone(),
+                None => format!("k{i}"),
+            }
+        } else {
+            format!("k{i}")
+        };
+        plan.push((i % 2, account, key, credits));
+    }
+    let mut tasks = Vec::new();
+    for (replica, account, key, credits) in plan.clone() {
+        let mut c = replicas[replica]
+            .billing(&access_token(100 + account, None), None)
+            .await;
+        tasks.push(tokio::spawn(async move {
+            let r = c.deduct(deduct_credits(credits, &key)).await;
+            (account, key, credits, r)
+        }));
+    }
+    // Per (account, key): the one applied amount and transaction id.
+    let mut applied: HashMap<(i64, String), (i64, i64)> = HashMap::new();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        let (account, key, credits, r) = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("no deadlock: every deduct answers")
+            .unwrap();
+        match &r {
+            Ok(resp) => {
+                let resp = resp.get_ref();
+                let tx = resp.transaction.as_ref().unwrap();
+                assert_eq!(tx.credits, -credits);
+                let prev = applied.insert((account, key.clone()), (credits, tx.id));
+                if let Some((c, id)) = prev {
+                    assert_eq!((c, id), (credits, tx.id), "one effect per key");
+                }
+            }
+            Err(e) => assert!(
+                matches!(
+                    reason(e).as_str(),
+                    "INSUFFICIENT_CREDITS" | "IDEMPOTENCY_KEY_REUSED"
+                ),
+                "unexpected {e:?}"
+            ),
+        }
+        outcomes.push((account, key, credits, r.map(|r| r.into_inner())));
+    }
+    // Every reply is consistent with what was applied.
+    for (account, key, credits, r) in &outcomes {
+        match (applied.get(&(*account, key.clone())), r) {
+            (Some((c, _)), Err(e)) if reason(e) == "IDEMPOTENCY_KEY_REUSED" => {
+                assert_ne!(c, credits, "key reuse only for a different request")
+            }
+            (Some((c, _)), Err(e)) => {
+                // Balances only fall here, so a request refused for credits
+                // while its key was applied must be a different request.
+                assert_eq!(reason(e), "INSUFFICIENT_CREDITS");
+                assert_ne!(c, credits);
+            }
+            (Some((c, _)), Ok(_)) => assert_eq!(c, credits),
+            (None, Err(e)) => assert_eq!(reason(e), "INSUFFICIENT_CREDITS"),
+            (None, Ok(_)) => unreachable!(),
+        }
+    }
+    for a in 1..=ACCOUNTS {
+        let charged: i64 = applied
+            .iter()
+            .filter(|((acc, _), _)| *acc == a)
+            .map(|(_, (c, _))| c)
+            .sum();
+        let (sum, rows) = db.ledger_sum(a).await;
+        assert_eq!(sum, -charged, "account {a}: ledger = applied deducts");
+        assert_eq!(
+            rows as usize,
+            applied.keys().filter(|(acc, _)| *acc == a).count()
+        );
+        assert_eq!(db.balance(a).await, START + sum);
+    }
+}
+
+/// A full queue answers RESOURCE_EXHAUSTED at once and changes nothing; the
+/// rest are applied once the writer is free again.
+async fn full_queue_is_refused_at_once(b: Backend) {
+    let db = TestDb::new(b).await;
+    seed_accounts(&db).await;
+    let mut config = test_config(&db.url);
+    config.pool.max_connections = 4;
+    let options = BillingOptions {
+        ledger: Some(WriterConfig {
+            max_batch: 1,
+            shards: 1,
+            queue_capacity: 4,
+            account_share: 4,
+        }),
+    };
+    let server = spawn_billing_with_options(config, options).await;
+    let blocker = RowBlocker::hold(&db, 1).await;
+    let token = access_token(101, None);
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let mut c = server.billing(&token, None).await;
+        tasks.push(tokio::spawn(async move {
+            c.deduct(deduct_credits(1, &format!("q{i}"))).await
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // While the writer is stuck, the overflow is refused without waiting.
+    eventually(Duration::from_secs(10), "refusals", || {
+        let done = tasks.iter().filter(|t| t.is_finished()).count();
+        async move { done >= 20 }
+    })
+    .await;
+    blocker.release().await;
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert_eq!(reason(&e), "LEDGER_OVERLOADED");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 20, "refused {refused}");
+    assert!(ok >= 1);
+    let (sum, rows) = db.ledger_sum(1).await;
+    assert_eq!((sum, rows), (-ok, ok));
+}
+
+/// A caller whose deadline passes before its request is applied is dropped
+/// from the batch: nothing is written for it.
+async fn abandoned_requests_are_not_applied(b: Backend) {
+    let db = TestDb::new(b).await;
+    seed_accounts(&db).await;
+    let server = spawn_billing(&db).await;
+    let blocker = RowBlocker::hold(&db, 1).await;
+    let token = access_token(101, None);
+    let mut first = server.billing(&token, None).await;
+    let stuck = tokio::spawn(async move { first.deduct(deduct_credits(1, "first")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = server.billing(&token, None).await;
+    let mut req = tonic::Request::new(deduct_credits(1, "gave-up"));
+    req.set_timeout(Duration::from_millis(300));
+    let err = c.deduct(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    blocker.release().await;
+    stuck.await.unwrap().unwrap();
+    // Let the writer take its next batch, then check.
+    let mut c = server.billing(&token, None).await;
+    c.deduct(deduct_credits(1, "after")).await.unwrap();
+    let keys: Vec<String> = on_pool!(&db.db, pool => sqlx::query_scalar(
+        "SELECT idempotency_key FROM credit_ledger WHERE account_id = 1 ORDER BY id")
+        .fetch_all(pool).await)
+    .unwrap();
+    assert_eq!(keys, ["first", "after"]);
+}
+
+/// The largest batch the configuration allows fits every statement on both
+/// backends (bound parameters, expression depth): 512 distinct deducts,
+/// grants and reserves over 8 accounts in one go, all applied.
+async fn largest_batch_fits(b: Backend) {
+    use billing_svc::{
+        ledger::{Entry, Kind, Ledger},
+        writer::{MAX_BATCH_LIMIT, NewHold, Op},
+    };
+    let db = TestDb::new(b).await;
+    seed_accounts(&db).await;
+    let ledger = Ledger::with_config(
+        db.db.clone(),
+        WriterConfig {
+            max_batch: MAX_BATCH_LIMIT,
+            shards: 1,
+            queue_capacity: 2 * MAX_BATCH_LIMIT,
+            account_share: 2 * MAX_BATCH_LIMIT,
+        },
+    );
+    let ops: Vec<(i64, Op)> = (0..MAX_BATCH_LIMIT)
+        .map(|i| {
+            let account = 1 + (i as i64 % 8);
+            let key = format!("big-{i}");
+            let op = match i % 3 {
+                0 => Op::Reserve(NewHold {
+                    credits: 1,
+                    operation: String::new(),
+                    quantity: 0,
+                    description: "d".repeat(100),
+                    metadata: [("k".to_owned(), "v".repeat(200))].into(),
+                    idempotency_key: key.clone(),
+                    request_hash: key,
+                    actor: "test".into(),
+                    ttl: Duration::from_secs(60),
+                }),
+                n => Op::Change(Entry {
+                    kind: if n == 1 { Kind::Deduct } else { Kind::Grant },
+                    credits: if n == 1 { -1 } else { 1 },
+                    operation: String::new(),
+                    quantity: 0,
+                    description: "d".repeat(100),
+                    metadata: Default::default(),
+                    idempotency_key: key.clone(),
+                    request_hash: key,
+                    actor: "test".into(),
+                }),
+            };
+            (account, op)
+        })
+        .collect();
+    let answers = futures::future::join_all(
+        ops.into_iter()
+            .map(|(account, op)| ledger.writer().submit(account, op)),
+    )
+    .await;
+    assert!(
+        answers.iter().all(|a| a.is_ok()),
+        "{:?}",
+        answers.iter().find(|a| a.is_err())
+    );
+    let (batches, requests) = ledger.writer().metrics().totals();
+    assert_eq!(requests, MAX_BATCH_LIMIT as u64);
+    assert!(batches < 8, "{batches} batches for {requests} requests");
+    let mut total = 0;
+    for a in 1..=8 {
+        total += db.ledger_sum(a).await.1;
+    }
+    assert_eq!(
+        total as usize,
+        MAX_BATCH_LIMIT - MAX_BATCH_LIMIT.div_ceil(3)
+    );
+}
+
+on_both_backends!(
+    largest_batch_fits,
+    two_replicas_batch_exactly,
+    full_queue_is_refused_at_once,
+    abandoned_requests_are_not_applied,
+);
+
+/// A batch whose connection is killed mid-transaction acknowledges nothing
+/// it did not commit: every caller gets either a committed result or
+/// UNAVAILABLE, and a client retry with the same key is exactly-once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connection_acknowledges_nothing_uncommitted() {
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let server = spawn_billing(&db).await;
+    let blocker = RowBlocker::hold(&db, 1).await;
+    let token = access_token(101, None);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut c = server.billing(&token, None).await;
+        tasks.push(tokio::spawn(async move {
+            c.deduct(deduct_credits(3, &format!("kill{i}"))).await
+        }));
+    }
+    // Wait until the writer's batch is blocked on the row lock, then kill
+    // its connection (as a database failover would).
+    let pg = match &db.db {
+        igny8_db::Db::Postgres(pool) => pool.clone(),
+        igny8_db::Db::Sqlite(_) => unreachable!(),
+    };
+    eventually(
+        Duration::from_secs(10),
+        "a writer waiting on the lock",
+        || {
+            let pg = pg.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pg)
+                .await
+                .unwrap();
+                n > 0
+            }
+        },
+    )
+    .await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock') t",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert!(killed >= 1);
+    blocker.release().await;
+    let mut acknowledged = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(r) => acknowledged.push((i, r.into_inner().transaction.unwrap().id)),
+            Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+        }
+    }
+    // Every acknowledged deduct is in the ledger exactly once.
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT idempotency_key, id FROM credit_ledger WHERE account_id = 1 ORDER BY id",
+    )
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    for (i, id) in &acknowledged {
+        assert!(rows.contains(&(format!("kill{i}"), *id)), "kill{i} lost");
+    }
+    // Clients retry everything with the same keys: exactly once each.
+    let mut c = server.billing(&token, None).await;
+    for i in 0..20 {
+        c.deduct(deduct_credits(3, &format!("kill{i}")))
+            .await
+            .unwrap();
+    }
+    let (sum, n) = db.ledger_sum(1).await;
+    assert_eq!((sum, n), (-60, 20));
+    assert_eq!(db.balance(1).await, START - 60);
+}
+
+/// Holds an account's row lock (PostgreSQL) or the database write lock
+/// (SQLite) from a separate connection until released, so the writer's next
+/// batch waits.
+struct RowBlocker {
+    done: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RowBlocker {
+    async fn hold(db: &TestDb, account: i64) -> Self {
+        let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+        let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let pool = db.db.clone();
+        let task = tokio::spawn(async move {
+            match pool {
+                igny8_db::Db::Postgres(pg) => {
+                    let mut tx = pg.begin().await.unwrap();
+                    sqlx::query("SELECT credits FROM accounts WHERE id = $1 FOR UPDATE")
+                        .bind(account)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    let _ = locked_tx.send(());
+                    let _ = done_rx.await;
+                    tx.rollback().await.unwrap();
+                }
+                igny8_db::Db::Sqlite(lite) => {
+                    use igny8_db::BeginWrite;
+                    let tx = lite.begin_write().await.unwrap();
+                    let _ = locked_tx.send(());
+                    let _ = done_rx.await;
+                    tx.rollback().await.unwrap();
+                }
+            }
+        });
+        locked_rx.await.unwrap();
+        Self { done, task }
+    }
+
+    async fn release(self) {
+        let _ = self.done.send(());
+        self.task.await.unwrap();
+    }
+}
