@@ -86,7 +86,12 @@ def test_a_retry_across_a_server_restart_is_charged_exactly_once(own_billing: Se
     restarted = threading.Event()
 
     def restart_later() -> None:
-        time.sleep(1.0)  # the client retries against a dead port meanwhile
+        # Restart only once a retry has failed against the dead port (the
+        # third attempt being recorded means the second one came back
+        # UNAVAILABLE: the client is sequential).
+        deadline = time.monotonic() + 30
+        while len(drop_deduct.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         own_billing.start(wait=False)
         restarted.set()
 
@@ -110,7 +115,7 @@ def test_a_retry_across_a_server_restart_is_charged_exactly_once(own_billing: Se
     assert restarted.is_set()
     keys = {r.idempotency_key for r in drop_deduct.requests}
     assert len(keys) == 1, f"every attempt carried the same key: {keys}"
-    assert len(drop_deduct.requests) >= 3, "attempts failed with UNAVAILABLE while the server was down"
+    assert len(drop_deduct.requests) >= 3, "a retry failed with UNAVAILABLE while the server was down"
     assert result.replayed and result.transaction.id == drop_deduct.committed.transaction.id
     assert result.transaction.kind == billing_pb2.TRANSACTION_KIND_DEDUCT
     assert account.ledger() == (-2, 1), "charged exactly once"
