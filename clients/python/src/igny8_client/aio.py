@@ -1,5 +1,7 @@
 """The asyncio clients (``grpc.aio``), for asyncio workers: the same methods
-as :mod:`igny8_client.client`, as coroutines and async iterators.
+as :mod:`igny8_client.client`, as coroutines and async iterators. Create
+them inside the event loop that uses them (a ``grpc.aio`` channel belongs to
+one loop), and ``await client.close()`` or use ``async with``.
 
     async with Igny8Credits("billing:50051", token=jwt) as billing:
         result = await billing.deduct("content_generation", 250)
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, Union
 
@@ -65,6 +67,7 @@ class _AsyncClient:
             self._owns_channel = True
         else:
             raise InvalidArgument(f"target must be 'host:port' or a grpc.aio.Channel, got {target!r}")
+        self._init_stub()
 
     @property
     def act_as(self) -> int | None:
@@ -102,7 +105,7 @@ class _AsyncClient:
                         continue
                 raise from_rpc_error(err, attempts) from err
 
-    async def _stream(self, open_stream: Callable[..., Any], request: Any, reconnect: bool) -> AsyncIterator[Any]:
+    async def _stream(self, open_stream: Callable[..., Any], request: Any, reconnect: bool) -> AsyncGenerator[Any, None]:
         failures = 0
         since = time.monotonic()
         while True:
@@ -157,9 +160,6 @@ class Igny8Credits(_AsyncClient):
     :class:`igny8_client.client.Igny8Credits` for arguments and semantics.
     ``token_provider`` may also be an async callable."""
 
-    def __init__(self, target: str | grpc.aio.Channel, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        self._init_stub()
 
     def _init_stub(self) -> None:
         self._stub = billing_pb2_grpc.BillingServiceStub(self._channel)
@@ -240,7 +240,7 @@ class Igny8Credits(_AsyncClient):
 
     async def transactions(
         self, page_size: int = 0, page_token: str = ""
-    ) -> AsyncIterator[billing_pb2.ListTransactionsResponse]:
+    ) -> AsyncGenerator[billing_pb2.ListTransactionsResponse, None]:
         """Pages of the ledger, newest first (an async iterator)."""
         size = c.page_size(page_size)
         token = c._text(page_token, "page_token")
@@ -272,7 +272,7 @@ class Igny8Credits(_AsyncClient):
 
     def watch_balance(
         self, low_balance_threshold: int = 0, *, reconnect: bool = True
-    ) -> AsyncIterator[billing_pb2.WatchBalanceResponse]:
+    ) -> AsyncGenerator[billing_pb2.WatchBalanceResponse, None]:
         """The balance now, then after every change (an async iterator)."""
         if isinstance(low_balance_threshold, bool) or not isinstance(low_balance_threshold, int):
             raise InvalidArgument("low_balance_threshold must be a whole number of credits")
@@ -284,9 +284,6 @@ class Igny8Settings(_AsyncClient):
     """The asyncio client of settings-svc; see
     :class:`igny8_client.client.Igny8Settings`."""
 
-    def __init__(self, target: str | grpc.aio.Channel, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        self._init_stub()
 
     def _init_stub(self) -> None:
         self._stub = settings_pb2_grpc.SettingsServiceStub(self._channel)
@@ -305,7 +302,7 @@ class Igny8Settings(_AsyncClient):
         """Switches modules on or off, e.g. ``await update(writer=False)``."""
         return (await self._call(self._stub.UpdateModuleSettings, c.update_request(flags))).settings
 
-    async def watch(self, *, reconnect: bool = True) -> AsyncIterator[settings_pb2.ModuleSettings]:
+    async def watch(self, *, reconnect: bool = True) -> AsyncGenerator[settings_pb2.ModuleSettings, None]:
         """The switches now, then after every change (an async iterator)."""
         async for message in self._stream(
             self._stub.WatchModuleSettings, settings_pb2.WatchModuleSettingsRequest(), reconnect

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ class _Client:
             self._owns_channel = True
         else:
             raise InvalidArgument(f"target must be 'host:port' or a grpc.Channel, got {target!r}")
+        self._init_stub()
 
     @property
     def act_as(self) -> int | None:
@@ -86,7 +87,7 @@ class _Client:
                         continue
                 raise from_rpc_error(err, attempts) from err
 
-    def _stream(self, open_stream: Callable[..., Any], request: Any, reconnect: bool) -> Iterator[Any]:
+    def _stream(self, open_stream: Callable[..., Any], request: Any, reconnect: bool) -> Generator[Any, None, None]:
         """Messages of a server stream; on UNAVAILABLE (a draining server,
         a lost connection) it reopens the stream with backoff, for at most the
         retry policy's total deadline without any message."""
@@ -168,9 +169,6 @@ class Igny8Credits(_Client):
     charged at most once.
     """
 
-    def __init__(self, target: str | grpc.Channel, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        self._init_stub()
 
     def _init_stub(self) -> None:
         self._stub = billing_pb2_grpc.BillingServiceStub(self._channel)
@@ -258,7 +256,7 @@ class Igny8Credits(_Client):
         """``account_id``, ``balance``, ``held`` and ``available``."""
         return self._call(self._stub.GetBalance, billing_pb2.GetBalanceRequest())
 
-    def transactions(self, page_size: int = 0, page_token: str = "") -> Iterator[billing_pb2.ListTransactionsResponse]:
+    def transactions(self, page_size: int = 0, page_token: str = "") -> Generator[billing_pb2.ListTransactionsResponse, None, None]:
         """Pages of the ledger, newest first. Each page has ``transactions``
         and ``next_page_token`` (pass it as ``page_token`` to resume later).
         ``page_size`` 0 means the server's default (50)."""
@@ -294,7 +292,7 @@ class Igny8Credits(_Client):
 
     def watch_balance(
         self, low_balance_threshold: int = 0, *, reconnect: bool = True
-    ) -> Iterator[billing_pb2.WatchBalanceResponse]:
+    ) -> Generator[billing_pb2.WatchBalanceResponse, None, None]:
         """The balance now, then after every change. Reconnects on
         UNAVAILABLE (the first message after a reconnect is the state then).
         Close the generator (or break out of the loop) to stop."""
@@ -312,9 +310,6 @@ class Igny8Settings(_Client):
     ``linker``, ``optimizer``, ``publisher`` (``MODULE_WRITER`` and the
     ``settings_pb2.Module`` values work too)."""
 
-    def __init__(self, target: str | grpc.Channel, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        self._init_stub()
 
     def _init_stub(self) -> None:
         self._stub = settings_pb2_grpc.SettingsServiceStub(self._channel)
@@ -334,7 +329,7 @@ class Igny8Settings(_Client):
         named switches change (the update mask is built from the names)."""
         return self._call(self._stub.UpdateModuleSettings, c.update_request(flags)).settings
 
-    def watch(self, *, reconnect: bool = True) -> Iterator[settings_pb2.ModuleSettings]:
+    def watch(self, *, reconnect: bool = True) -> Generator[settings_pb2.ModuleSettings, None, None]:
         """The switches now, then after every change. Reconnects on
         UNAVAILABLE. Close the generator (or break) to stop."""
         for message in self._stream(
