@@ -1,15 +1,19 @@
-"""The client side of the streams: reopen on UNAVAILABLE, stop on anything
-else, a fresh token on every reopen.
+"""The client's own behaviour against a scripted grpcio server in-process:
+stream reconnects (reopen on UNAVAILABLE, stop on anything else, a fresh
+token on every reopen), DEADLINE_EXCEEDED retried with the same key, codes
+that are never retried.
 
-The real servers' streams are exercised in test_streams.py; this scripts a
-grpcio server in-process so that the client's reconnect loop is tested
-whatever the servers implement, including failures hard to provoke there.
+The real servers are exercised by the other test files; this covers what is
+hard to provoke there (a server that stalls, a scripted overload), and the
+stream loop whatever the servers implement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -17,7 +21,18 @@ from typing import Any
 import grpc
 import pytest
 
-from igny8_client import Igny8Credits, Igny8Settings, PermissionDenied, RetryPolicy, Unavailable, aio, billing_pb2, settings_pb2
+from igny8_client import (
+    DeadlineExceeded,
+    Igny8Credits,
+    Igny8Settings,
+    PermissionDenied,
+    ResourceExhausted,
+    RetryPolicy,
+    Unavailable,
+    aio,
+    billing_pb2,
+    settings_pb2,
+)
 from igny8_client._gen.igny8.billing.v1 import billing_pb2_grpc
 from igny8_client._gen.igny8.settings.v1 import settings_pb2_grpc
 
@@ -54,7 +69,7 @@ class ScriptedSettings(settings_pb2_grpc.SettingsServiceServicer):
 
 
 def serve(servicer: Any, add: Any) -> tuple[grpc.Server, str]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     add(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -131,5 +146,70 @@ def test_async_watch_reopens_on_unavailable() -> None:
 
     try:
         assert asyncio.run(run()) == [5, 4, 3]
+    finally:
+        server.stop(None)
+
+
+class StallingBilling(billing_pb2_grpc.BillingServiceServicer):
+    """Deduct: stalls past the client's deadline on the first ``stalls``
+    calls, then answers; records every request. Reserve: RESOURCE_EXHAUSTED."""
+
+    def __init__(self, stalls: int) -> None:
+        self.stalls = stalls
+        self.requests: list[Any] = []
+        self.lock = threading.Lock()
+
+    def Deduct(self, request: Any, context: Any) -> Any:
+        with self.lock:
+            self.requests.append(request)
+            stall = len(self.requests) <= self.stalls
+        if stall:
+            time.sleep(2.0)  # the client gives up after its 0.5 s deadline
+        return billing_pb2.DeductResponse(
+            transaction=billing_pb2.Transaction(id=7, idempotency_key=request.idempotency_key), balance=3
+        )
+
+    def Reserve(self, request: Any, context: Any) -> Any:
+        with self.lock:
+            self.requests.append(request)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the ledger is busy")
+
+
+def test_deadline_exceeded_is_retried_with_the_same_key() -> None:
+    servicer = StallingBilling(stalls=2)
+    server, addr = serve(servicer, billing_pb2_grpc.add_BillingServiceServicer_to_server)
+    try:
+        with Igny8Credits(addr, token="t", timeout=0.5, retry=FAST) as billing:
+            result = billing.deduct("clustering", description="slow")
+        assert len(servicer.requests) >= 3, "two stalled attempts, then an answer"
+        assert len({r.idempotency_key for r in servicer.requests}) == 1
+        assert servicer.requests[0] == servicer.requests[-1], "the very same request on every attempt"
+        assert result.transaction.idempotency_key == servicer.requests[0].idempotency_key
+    finally:
+        server.stop(None)
+
+
+def test_deadline_exceeded_after_the_total_deadline() -> None:
+    servicer = StallingBilling(stalls=10_000)
+    server, addr = serve(servicer, billing_pb2_grpc.add_BillingServiceServicer_to_server)
+    try:
+        policy = RetryPolicy(total_timeout=0.5, initial_backoff=0.01, max_backoff=0.02)
+        with Igny8Credits(addr, token="t", timeout=0.2, retry=policy) as billing:  # stalls are 2 s
+            with pytest.raises(DeadlineExceeded) as err:
+                billing.deduct(credits=1)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.value.attempts >= 2
+    finally:
+        server.stop(None)
+
+
+def test_resource_exhausted_is_not_retried() -> None:
+    servicer = StallingBilling(stalls=0)
+    server, addr = serve(servicer, billing_pb2_grpc.add_BillingServiceServicer_to_server)
+    try:
+        with Igny8Credits(addr, token="t", retry=FAST) as billing:
+            with pytest.raises(ResourceExhausted, match="the ledger is busy") as err:
+                billing.reserve(credits=1)
+        assert err.value.attempts == 1 and len(servicer.requests) == 1
+        assert err.value.status is None, "no details were sent"
     finally:
         server.stop(None)
