@@ -112,6 +112,11 @@ class Igny8Error(Exception):
             f"message={self.message!r})"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keeps every field through pickle (Celery sends task exceptions to
+        # its result backend this way); the default would call cls(message).
+        return (_restore, (type(self), self.message), dict(self.__dict__))
+
     def _int(self, key: str) -> int | None:
         try:
             return int(self.metadata[key])
@@ -160,6 +165,12 @@ class InsufficientCredits(FailedPrecondition):
         if not self.message:
             self.message = insufficient_message(self.required, self.available)
             self.args = (self.message,)
+
+
+def _restore(cls: type[Igny8Error], message: str) -> Igny8Error:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    return err
 
 
 def insufficient_message(required: int, available: int) -> str:
