@@ -15,6 +15,13 @@ pub enum AuthError {
     /// No `authorization` metadata.
     #[error("missing credentials: send `authorization: Bearer <jwt>` metadata")]
     MissingToken,
+    /// `authorization` is `Bearer` with nothing after it: usually a shell
+    /// variable meant to hold the token is unset.
+    #[error(
+        "the bearer token is empty: `authorization: Bearer` carried no token (is the variable \
+         holding it set? `igny8ctl dev` prints `export IGNY8_TOKEN=…`)"
+    )]
+    EmptyToken,
     /// `authorization` is not `Bearer <token>`.
     #[error("malformed authorization metadata: expected `Bearer <jwt>`")]
     MalformedAuthorization,
@@ -83,6 +90,7 @@ impl AuthError {
     pub fn code(&self) -> Code {
         match self {
             AuthError::MissingToken
+            | AuthError::EmptyToken
             | AuthError::MalformedAuthorization
             | AuthError::TokenTooLarge(_)
             | AuthError::InvalidToken(_)
@@ -104,7 +112,7 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::MissingToken => "MISSING_CREDENTIALS",
-            AuthError::MalformedAuthorization => "MALFORMED_CREDENTIALS",
+            AuthError::EmptyToken | AuthError::MalformedAuthorization => "MALFORMED_CREDENTIALS",
             AuthError::TokenTooLarge(_) => "TOKEN_TOO_LARGE",
             AuthError::InvalidToken(_) => "INVALID_TOKEN",
             AuthError::UserInactive(_) => "USER_INACTIVE",
@@ -169,6 +177,7 @@ mod tests {
     fn each_error_has_its_code() {
         let table = [
             (AuthError::MissingToken, Code::Unauthenticated),
+            (AuthError::EmptyToken, Code::Unauthenticated),
             (AuthError::MalformedAuthorization, Code::Unauthenticated),
             (AuthError::TokenTooLarge(9000), Code::Unauthenticated),
             (AuthError::InvalidToken("x".into()), Code::Unauthenticated),

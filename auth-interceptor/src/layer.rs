@@ -47,7 +47,7 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// An authenticator with the SPEC §2.3 policy.
+    /// An authenticator with the policy of docs/api.md, "Roles and permissions".
     pub fn new(
         verifier: TokenVerifier,
         directory: Arc<dyn Directory>,
@@ -102,12 +102,15 @@ fn bearer(headers: &HeaderMap) -> Result<BearerToken, AuthError> {
         .to_str()
         .map_err(|_| AuthError::MalformedAuthorization)?
         .trim();
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or(AuthError::MalformedAuthorization)?;
-    let token = token.trim();
-    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+    // `Bearer $TOKEN` with the variable unset arrives as `Bearer` (or
+    // `Bearer ` when the client keeps the space): say so plainly.
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AuthError::MalformedAuthorization);
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::EmptyToken);
     }
     Ok(BearerToken::new(token))
 }
@@ -250,10 +253,20 @@ mod tests {
             bearer(&map(&[("authorization", "Basic abc")])),
             Err(AuthError::MalformedAuthorization)
         );
-        assert_eq!(
-            bearer(&map(&[("authorization", "Bearer ")])),
-            Err(AuthError::MalformedAuthorization)
-        );
+        for empty in ["Bearer ", "Bearer", "bearer   "] {
+            assert_eq!(
+                bearer(&map(&[("authorization", empty)])),
+                Err(AuthError::EmptyToken),
+                "{empty:?}"
+            );
+        }
+        for malformed in ["", "Basic", "a.b.c", "Token a.b.c"] {
+            assert_eq!(
+                bearer(&map(&[("authorization", malformed)])),
+                Err(AuthError::MalformedAuthorization),
+                "{malformed:?}"
+            );
+        }
         assert_eq!(
             bearer(&map(&[("authorization", "bearer a.b.c")]))
                 .unwrap()

@@ -1,4 +1,4 @@
-//! The permission matrix of SPEC §2.3, as data.
+//! The permission matrix (docs/api.md, "Roles and permissions"), as data.
 
 use std::collections::HashMap;
 
@@ -73,7 +73,7 @@ const fn rule(path: &'static str, scope: Scope, access: Access, roles: &'static 
     }
 }
 
-/// SPEC §2.3, one row per RPC.
+/// The role matrix of docs/api.md, one row per RPC.
 pub const RULES: &[RpcRule] = &[
     rule(
         "/igny8.billing.v1.BillingService/GetCreditCost",
@@ -227,7 +227,7 @@ impl Policy {
 mod tests {
     use super::*;
 
-    /// The matrix of SPEC §2.3 written out, checked against the rules.
+    /// The matrix of docs/api.md written out, checked against the rules.
     #[test]
     fn matrix_matches_the_spec() {
         use Role::*;
@@ -281,6 +281,41 @@ mod tests {
                 "UpdateModuleSettings",
                 &[Admin, Owner, Developer, Service],
                 &[Viewer, Editor],
+            ),
+            (
+                "Reserve",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "CaptureHold",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "ReleaseHold",
+                &[Editor, Admin, Owner, Developer, Service],
+                &[Viewer],
+            ),
+            (
+                "GetHold",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
+            (
+                "WatchBalance",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
+            ),
+            (
+                "Refund",
+                &[Developer, Service],
+                &[Viewer, Editor, Admin, Owner],
+            ),
+            (
+                "WatchModuleSettings",
+                &[Viewer, Editor, Admin, Owner, Developer, Service],
+                &[],
             ),
         ];
         assert_eq!(table.len(), RULES.len());

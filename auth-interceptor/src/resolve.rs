@@ -1,4 +1,4 @@
-//! SPEC §2.2: the one rule that decides which account a call acts on.
+//! docs/api.md, "Which account a call acts on": the one rule that decides which account a call acts on.
 
 use std::sync::Arc;
 

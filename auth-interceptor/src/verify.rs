@@ -1,4 +1,4 @@
-//! Token validation (SPEC §2.1): signature first, algorithms pinned by
+//! Token validation (docs/api.md, "Tokens"): signature first, algorithms pinned by
 //! configuration, then the registered claims, then igny8's `type`.
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};

@@ -1,4 +1,4 @@
-//! SPEC §2.1 token validation, rule by rule, for every key configuration.
+//! Token validation (docs/api.md, "Tokens"), rule by rule, for every key configuration.
 
 use std::{path::PathBuf, time::Duration};
 

@@ -1,4 +1,4 @@
-//! The cost table (SPEC §3.1): what each operation costs, as data.
+//! The cost table (docs/api.md, "The cost table"): what each operation costs, as data.
 //!
 //! One pricing rule covers both kinds of operation. With `q` the quantity
 //! (0 meaning one unit, i.e. `unit_size`):
@@ -90,7 +90,7 @@ impl Default for CostTable {
 }
 
 impl CostTable {
-    /// SPEC §3.1's table.
+    /// The table of docs/api.md.
     pub fn builtin() -> Self {
         let row = |name: &str, aliases: &[&str], credits, unit: &str, unit_size, module: &str| {
             OperationCost {

@@ -425,7 +425,11 @@ async fn process(db: &Db, batch: Vec<Job>, clock: &Clock, metrics: &WriterMetric
             }
             changed
         }
-        Err(e) if size > 1 => {
+        // The database refused something in the batch: retry one by one so
+        // the offending request cannot fail its neighbours. (When the
+        // database is unreachable, retrying would only make every caller
+        // wait longer: they all get UNAVAILABLE below and retry themselves.)
+        Err(e) if size > 1 && !igny8_db::is_unavailable(&e) => {
             metrics.failures.inc();
             tracing::warn!(error = %e, size, "ledger batch failed; retrying its requests one by one");
             let mut changed = BTreeSet::new();
@@ -1294,11 +1298,20 @@ fn update_holds(plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
     Some(sql)
 }
 
-fn update_accounts(plan: &Plan, now: DateTime<Utc>) -> Option<Sql> {
+/// Moves every changed account's balance and held amount with one
+/// `UPDATE … CASE`; on PostgreSQL the same statement sends
+/// `pg_notify('igny8_balance', '<account>')` once per changed account (in the
+/// transaction, so only committed changes notify).
+fn update_accounts(backend: Backend, plan: &Plan, now: DateTime<Utc>) -> Option<Sql> {
     if plan.accounts.is_empty() {
         return None;
     }
-    let mut sql = Sql::new("UPDATE accounts SET credits = CASE id");
+    let notify = backend == Backend::Postgres;
+    let mut sql = Sql::new(if notify {
+        "WITH moved AS (UPDATE accounts SET credits = CASE id"
+    } else {
+        "UPDATE accounts SET credits = CASE id"
+    });
     for (id, (credits, _)) in &plan.accounts {
         sql.push(" WHEN ")
             .arg(Arg::I64(*id))
@@ -1317,23 +1330,11 @@ fn update_accounts(plan: &Plan, now: DateTime<Utc>) -> Option<Sql> {
         .push(" WHERE id IN (")
         .list(plan.accounts.keys().map(|id| Arg::I64(*id)))
         .push(")");
-    Some(sql)
-}
-
-/// `pg_notify('igny8_balance', '<account>')` once per changed account.
-fn notify(backend: Backend, accounts: &[i64]) -> Option<Sql> {
-    if backend != Backend::Postgres || accounts.is_empty() {
-        return None;
+    if notify {
+        sql.push(" RETURNING id) SELECT pg_notify('")
+            .push(crate::BALANCE_CHANNEL)
+            .push("', CAST(id AS TEXT)) FROM moved");
     }
-    let mut sql = Sql::new("SELECT pg_notify('");
-    sql.push(crate::BALANCE_CHANNEL).push("', n) FROM (VALUES ");
-    for (i, a) in accounts.iter().enumerate() {
-        if i > 0 {
-            sql.push(", ");
-        }
-        sql.push("(").arg(Arg::Text(a.to_string())).push(")");
-    }
-    sql.push(") AS v(n)");
     Some(sql)
 }
 
@@ -1438,8 +1439,7 @@ async fn apply_batch(
         for sql in [
             insert_holds(&plan, &row_ids),
             update_holds(&plan, &row_ids),
-            update_accounts(&plan, now),
-            notify(backend, &changed),
+            update_accounts(backend, &plan, now),
         ]
         .into_iter()
         .flatten()

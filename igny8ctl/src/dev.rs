@@ -211,7 +211,10 @@ fn sq(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The grpcurl calls `dev` prints, each complete on one line.
+/// The grpcurl calls `dev` prints, each complete on one line. Calls whose
+/// answer can hold `false` or `0` pass `-emit-defaults`: grpcurl otherwise
+/// leaves such fields out, and `{"module": "MODULE_WRITER"}` without
+/// `enabled` reads like a broken response.
 pub fn grpcurl_calls(token: &str, billing: SocketAddr, settings: SocketAddr) -> Vec<String> {
     let header = sq(&format!("authorization: Bearer {token}"));
     let billing_svc = igny8_proto::BILLING_SERVICE_NAME;
@@ -221,17 +224,17 @@ pub fn grpcurl_calls(token: &str, billing: SocketAddr, settings: SocketAddr) -> 
     );
     vec![
         format!("grpcurl -plaintext {billing} list"),
-        format!("grpcurl -plaintext -H {header} {billing} {billing_svc}/GetBalance"),
+        format!("grpcurl -plaintext -emit-defaults -H {header} {billing} {billing_svc}/GetBalance"),
         format!(
-            "grpcurl -plaintext -H {header} -d {} {billing} {billing_svc}/GetCreditCost",
+            "grpcurl -plaintext -emit-defaults -H {header} -d {} {billing} {billing_svc}/GetCreditCost",
             sq(r#"{"operation":"content","quantity":250}"#)
         ),
         format!(
-            "grpcurl -plaintext -H {header} -d {} {billing} {billing_svc}/Deduct",
+            "grpcurl -plaintext -emit-defaults -H {header} -d {} {billing} {billing_svc}/Deduct",
             sq(&deduct)
         ),
         format!(
-            "grpcurl -plaintext -H {header} -d {} {settings} {settings_svc}/CheckModule",
+            "grpcurl -plaintext -emit-defaults -H {header} -d {} {settings} {settings_svc}/CheckModule",
             sq(r#"{"module":"MODULE_WRITER"}"#)
         ),
     ]
@@ -290,6 +293,8 @@ fn print_banner(
     println!();
     println!("  export IGNY8_TOKEN={token}");
     println!();
+    println!("(the README's examples read it from $IGNY8_TOKEN: paste the line above first)");
+    println!();
     println!("Try it — each line works as printed:");
     println!();
     for call in grpcurl_calls(token, billing, settings) {
@@ -300,7 +305,7 @@ fn print_banner(
         "Deduct uses idempotency key {DEMO_DEDUCT_KEY:?}: run it twice and the second answer is a replay."
     );
     println!(
-        "More tokens: cargo run -p igny8ctl -- token user --id {DEMO_USER}    (see igny8ctl --help)"
+        "More tokens: cargo run -q -p igny8ctl -- token user --id {DEMO_USER}    (see cargo run -q -p igny8ctl -- --help)"
     );
     println!("Ctrl-C stops both services.");
     println!("ready: billing={billing} settings={settings}");

@@ -362,6 +362,28 @@ async fn grants_go_through_the_ledger_once_per_key(b: Backend) {
         "{missing:#?}"
     );
     assert_eq!(db.ledger_sum(1).await, (150, 2), "refusals change nothing");
+
+    // Without $USER (cron, containers) the actor is `operator:cli`.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let anonymous = run(igny8ctl(dir.path()).env_remove("USER").args([
+        "--database-url",
+        &db.url,
+        "grant",
+        "--account",
+        "1",
+        "--credits",
+        "5",
+        "--reason",
+        "no $USER",
+        "--idempotency-key",
+        "no-user",
+    ]));
+    anonymous.ok();
+    let actor: String = on_pool!(&db.db, pool => sqlx::query_scalar(
+        "SELECT actor FROM credit_ledger WHERE account_id = 1 AND idempotency_key = 'no-user'")
+        .fetch_one(pool).await)
+    .expect("actor");
+    assert_eq!(actor, "operator:cli");
 }
 
 async fn balance_shows_the_ledger_beside_the_balance(b: Backend) {

@@ -5,197 +5,17 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Read},
-    net::SocketAddr,
+    io::Read,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
 };
 
-use common::{field, igny8ctl, run};
+use common::{
+    field, igny8ctl,
+    launcher::{Launcher, START_TIMEOUT, wait_exit},
+    run,
+};
 use serde_json::Value;
-
-/// Bound on start-up (first start creates and migrates the database).
-const START_TIMEOUT: Duration = Duration::from_secs(120);
-/// Bound on a clean stop after a signal.
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A running `igny8ctl dev` and what it printed up to its ready line.
-struct Launcher {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    banner: Vec<String>,
-    billing: SocketAddr,
-    settings: SocketAddr,
-}
-
-impl Launcher {
-    /// Starts `igny8ctl dev` in `dir` on ports the OS picks, and waits for
-    /// its ready line.
-    fn start(dir: &Path, env: &[(&str, &str)]) -> Launcher {
-        let mut cmd = igny8ctl(dir);
-        cmd.args([
-            "dev",
-            "--billing-addr",
-            "127.0.0.1:0",
-            "--settings-addr",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start igny8ctl dev");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let mut pipe = child.stderr.take().expect("stderr");
-            let stderr = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    stderr
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut banner = Vec::new();
-        let ready = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) if line.starts_with("ready: ") => break line,
-                Ok(line) => banner.push(line),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    panic!(
-                        "igny8ctl dev printed no ready line within {START_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
-                        banner.join("\n"),
-                        stderr.lock().unwrap()
-                    );
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = child.wait().expect("wait");
-                    std::thread::sleep(Duration::from_millis(100));
-                    panic!(
-                        "igny8ctl dev exited ({status}) before it was ready\nstdout:\n{}\nstderr:\n{}",
-                        banner.join("\n"),
-                        stderr.lock().unwrap()
-                    );
-                }
-            }
-        };
-        let addr = |name: &str| -> SocketAddr {
-            ready
-                .split_whitespace()
-                .find_map(|part| part.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("no {name}= in {ready:?}"))
-                .parse()
-                .unwrap_or_else(|e| panic!("{name} address in {ready:?}: {e}"))
-        };
-        Launcher {
-            billing: addr("billing"),
-            settings: addr("settings"),
-            child,
-            stderr,
-            banner,
-        }
-    }
-
-    /// The token from the `export IGNY8_TOKEN=…` line.
-    fn token(&self) -> String {
-        self.banner
-            .iter()
-            .find_map(|l| l.trim().strip_prefix("export IGNY8_TOKEN="))
-            .unwrap_or_else(|| panic!("no export line in:\n{}", self.banner.join("\n")))
-            .to_owned()
-    }
-
-    /// The printed grpcurl call whose line ends with `suffix`.
-    fn call(&self, suffix: &str) -> String {
-        self.banner
-            .iter()
-            .map(|l| l.trim())
-            .find(|l| l.starts_with("grpcurl ") && l.ends_with(suffix))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no printed grpcurl call ending with {suffix:?} in:\n{}",
-                    self.banner.join("\n")
-                )
-            })
-            .to_owned()
-    }
-
-    fn calls(&self) -> Vec<String> {
-        self.banner
-            .iter()
-            .map(|l| l.trim())
-            .filter(|l| l.starts_with("grpcurl "))
-            .map(str::to_owned)
-            .collect()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Sends `signal` with `kill` and waits (bounded) for the exit.
-    fn stop(mut self, signal: &str) -> (ExitStatus, String) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed");
-        let status = wait_exit(&mut self.child, STOP_TIMEOUT).unwrap_or_else(|| {
-            panic!(
-                "igny8ctl dev did not exit within {STOP_TIMEOUT:?} of SIG{signal}\nstderr:\n{}",
-                self.stderr()
-            )
-        });
-        // Let the reader thread take the last of stderr.
-        std::thread::sleep(Duration::from_millis(200));
-        let stderr = self.stderr();
-        (status, stderr)
-    }
-}
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits at most `timeout` for `child` to exit.
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    None
-}
 
 /// Runs a printed line exactly as a shell would, with the real grpcurl on
 /// PATH. Returns stdout; panics with the output when it fails.
@@ -262,6 +82,9 @@ fn dev_prints_calls_that_work_and_a_restart_reuses_the_data() {
         assert!(banner.contains(&needle), "{needle:?} in:\n{banner}");
     }
     assert_eq!(first.calls().len(), 5, "{banner}");
+    for call in first.calls().iter().filter(|c| !c.ends_with(" list")) {
+        assert!(call.contains(" -emit-defaults "), "{call}");
+    }
     let token = first.token();
     for call in first.calls() {
         if call.contains("Bearer") {
@@ -282,7 +105,8 @@ fn dev_prints_calls_that_work_and_a_restart_reuses_the_data() {
     assert_eq!(field(&cost, "credits"), "2", "{cost}");
     let deduct = sh_json(&first.call("/Deduct"));
     assert_eq!(field(&deduct, "balance"), "998", "{deduct}");
-    assert_ne!(field(&deduct, "replayed"), true, "{deduct}");
+    // -emit-defaults: `false` is printed, not left out.
+    assert_eq!(field(&deduct, "replayed"), false, "{deduct}");
     let module = sh_json(&first.call("/CheckModule"));
     assert_eq!(field(&module, "module"), "MODULE_WRITER", "{module}");
     assert_eq!(field(&module, "enabled"), true, "{module}");

@@ -1,4 +1,4 @@
-//! Configuration from the environment (SPEC §5). Every variable has a
+//! Configuration from the environment (docs/api.md, "Configuration"). Every variable has a
 //! default except the JWT key; anything malformed stops start-up with a
 //! message naming the variable.
 

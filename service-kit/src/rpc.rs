@@ -5,7 +5,9 @@
 //!
 //! 1. names it from the path (`/pkg.Service/Method`), checked against the
 //!    methods the server actually serves so that made-up paths cannot grow
-//!    the span-name or label space (they become `unknown`);
+//!    the span-name or label space (they become `unknown`), and answers a
+//!    method this server does not serve with UNIMPLEMENTED at once, before
+//!    any token check (see [`KnownMethods::not_served`]);
 //! 2. opens the span `grpc.request` (exported to OpenTelemetry as
 //!    `pkg.Service/Method`, kind SERVER) whose parent is the caller's span
 //!    when the request carries W3C `traceparent` metadata; everything below
@@ -29,7 +31,8 @@ use std::{
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use prost::Message;
-use tonic::Code;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 
@@ -41,6 +44,16 @@ const REFLECTION_METHODS: [&str; 2] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
+
+/// The igny8 services and the port each listens on unless configured
+/// otherwise (`IGNY8_LISTEN_ADDR`; the dev launcher uses the same ports).
+const USUAL_PORTS: [(&str, u16); 2] = [
+    (igny8_proto::BILLING_SERVICE_NAME, 50051),
+    (igny8_proto::SETTINGS_SERVICE_NAME, 50052),
+];
+
+/// `ErrorInfo.domain` of a call to a method this server does not serve.
+pub const UNKNOWN_METHOD_DOMAIN: &str = "server.igny8";
 
 /// A method's names, shared by every call to it.
 #[derive(Debug, Clone)]
@@ -68,6 +81,8 @@ impl RpcName {
 pub(crate) struct KnownMethods {
     by_path: HashMap<String, RpcName>,
     unknown: RpcName,
+    /// The application service this server serves (the first name given).
+    served: String,
 }
 
 impl KnownMethods {
@@ -106,11 +121,58 @@ impl KnownMethods {
         Self {
             by_path,
             unknown: RpcName::new("unknown", "unknown"),
+            served: services.first().copied().unwrap_or_default().to_owned(),
         }
     }
 
     fn name(&self, path: &str) -> &RpcName {
         self.by_path.get(path).unwrap_or(&self.unknown)
+    }
+
+    /// The UNIMPLEMENTED status for a call to `path` when this server does
+    /// not serve it, `None` when it does. A method of the other igny8
+    /// service (a BillingService call sent to settings-svc's port) is the
+    /// usual mistake, so the message names the service served here and
+    /// where the other one usually listens.
+    pub(crate) fn not_served(&self, path: &str) -> Option<Status> {
+        if self.by_path.contains_key(path) {
+            return None;
+        }
+        let method = path.strip_prefix('/').unwrap_or(path);
+        let served = &self.served;
+        let here = USUAL_PORTS
+            .iter()
+            .find(|(name, _)| name == served)
+            .map(|(_, port)| format!(" (usually port {port})"))
+            .unwrap_or_default();
+        let elsewhere = USUAL_PORTS
+            .iter()
+            .filter(|(name, _)| name != served)
+            .map(|(name, port)| format!("{name} usually listens on port {port}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let asked = USUAL_PORTS
+            .iter()
+            .find(|(name, _)| name != served && method.starts_with(&format!("{name}/")));
+        let message = match asked {
+            Some((name, port)) => format!(
+                "{method} is not served on this port: this port serves {served}{here}; \
+                 {name} usually listens on port {port}"
+            ),
+            None => format!(
+                "unknown method {method}: this port serves {served}{here}, grpc.health.v1.Health \
+                 and server reflection; {elsewhere}"
+            ),
+        };
+        let info = HashMap::from([
+            ("service".to_owned(), served.clone()),
+            ("method".to_owned(), method.to_owned()),
+        ]);
+        Some(Status::with_error_details(
+            Code::Unimplemented,
+            message,
+            ErrorDetails::with_error_info("UNKNOWN_METHOD", UNKNOWN_METHOD_DOMAIN, info),
+        ))
     }
 }
 
@@ -155,7 +217,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Body + Unpin + Send + 'static,
+    ResBody: Body + Default + Unpin + Send + 'static,
 {
     type Response = Response<ObservedBody<ResBody>>;
     type Error = S::Error;
@@ -187,10 +249,19 @@ where
         );
         crate::telemetry::set_remote_parent(&span, request.headers());
         let mut observer = Observer::start(span.clone(), self.metrics.clone(), name);
-        let call = inner.call(request);
+        // A method this server does not serve is refused here, before the
+        // auth layer: the answer is the same with or without a token.
+        let call = match self.methods.not_served(request.uri().path()) {
+            Some(refused) => Err(refused),
+            None => Ok(inner.call(request)),
+        };
         Box::pin(
             async move {
-                match call.await {
+                let result = match call {
+                    Ok(call) => call.await,
+                    Err(refused) => Ok(refused.into_http()),
+                };
+                match result {
                     Ok(response) => {
                         if let Some(code) = grpc_status(response.headers()) {
                             observer.finish(code);
@@ -364,6 +435,52 @@ mod tests {
         ] {
             assert_eq!(known.name(path).method.as_str(), "unknown", "{path}");
         }
+    }
+
+    #[test]
+    fn a_method_not_served_here_names_this_service_and_where_the_other_listens() {
+        let known = KnownMethods::from_descriptors(
+            &[
+                igny8_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ],
+            &[igny8_proto::SETTINGS_SERVICE_NAME, "grpc.health.v1.Health"],
+        );
+        for served in [
+            "/igny8.settings.v1.SettingsService/CheckModule",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(known.not_served(served).is_none(), "{served}");
+        }
+        let wrong_port = known
+            .not_served("/igny8.billing.v1.BillingService/Deduct")
+            .expect("billing is not served by settings");
+        assert_eq!(wrong_port.code(), Code::Unimplemented);
+        assert_eq!(
+            wrong_port.message(),
+            "igny8.billing.v1.BillingService/Deduct is not served on this port: this port \
+             serves igny8.settings.v1.SettingsService (usually port 50052); \
+             igny8.billing.v1.BillingService usually listens on port 50051"
+        );
+        let info = wrong_port.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("UNKNOWN_METHOD", UNKNOWN_METHOD_DOMAIN)
+        );
+        let unknown = known
+            .not_served("/igny8.settings.v1.SettingsService/Steal")
+            .unwrap();
+        assert!(
+            unknown.message().starts_with(
+                "unknown method igny8.settings.v1.SettingsService/Steal: this port serves \
+                 igny8.settings.v1.SettingsService"
+            ) && unknown
+                .message()
+                .ends_with("igny8.billing.v1.BillingService usually listens on port 50051"),
+            "{}",
+            unknown.message()
+        );
     }
 
     #[test]

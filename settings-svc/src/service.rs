@@ -122,6 +122,21 @@ pub fn changes(
     Ok(out)
 }
 
+/// The switches an update sets, for the log: `writer_enabled=false,
+/// linker_enabled=true`, or `none` for an update that names nothing.
+pub fn describe_changes(changes: &[Option<bool>; 8]) -> String {
+    let named: Vec<String> = FIELDS
+        .iter()
+        .zip(changes)
+        .filter_map(|(field, change)| change.map(|on| format!("{field}={on}")))
+        .collect();
+    if named.is_empty() {
+        "none".to_owned()
+    } else {
+        named.join(", ")
+    }
+}
+
 #[tonic::async_trait]
 impl SettingsService for Settings {
     async fn get_module_settings(
@@ -174,7 +189,11 @@ impl SettingsService for Settings {
         } else {
             self.store.update(account, changes).await?
         };
-        tracing::info!(account, ?changes, "module settings updated");
+        tracing::info!(
+            account,
+            changed = %describe_changes(&changes),
+            "module settings updated"
+        );
         Ok(Response::new(pb::UpdateModuleSettingsResponse {
             settings: Some(to_proto(&switches)),
         }))
@@ -206,6 +225,18 @@ mod tests {
         Some(FieldMask {
             paths: paths.iter().map(|p| (*p).to_owned()).collect(),
         })
+    }
+
+    #[test]
+    fn the_log_names_the_changed_fields_and_their_values() {
+        let mut c = [None; 8];
+        assert_eq!(describe_changes(&c), "none");
+        c[1] = Some(false);
+        c[5] = Some(true);
+        assert_eq!(
+            describe_changes(&c),
+            "writer_enabled=false, linker_enabled=true"
+        );
     }
 
     #[test]

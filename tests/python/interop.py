@@ -2,8 +2,8 @@
 """Python gRPC interop check against the running billing-svc and settings-svc.
 
 Proves that a non-Rust client (grpcio, stubs generated at run time from the
-repository's .proto files) can use the services as SPEC §2, §3 and §5
-describe: health, v1alpha reflection, pricing, idempotent deduction, rich
+repository's .proto files) can use the services as docs/api.md
+describes them: health, v1alpha reflection, pricing, idempotent deduction, rich
 error details, tenant echo, auth failures, act-as, and module settings.
 
 Driven by tests/tests/python_interop.rs, which seeds the database and starts
@@ -139,7 +139,7 @@ def check_health(channel: grpc.Channel, service: str) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     serving = health_pb2.HealthCheckResponse.SERVING
     for name in ("", service):
-        # No token: health is public (SPEC §2.2).
+        # No token: health is public (docs/api.md, "Authentication").
         r = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=TIMEOUT)
         assert r.status == serving, (
             f"health of {name!r}: expected SERVING, got "

@@ -1,4 +1,4 @@
-//! SPEC §2.2–§2.3 end to end: which tenant a call acts on, who may call
+//! Account resolution and roles (docs/api.md) end to end: which tenant a call acts on, who may call
 //! what, and how directory changes take effect — on both backends.
 
 use std::{sync::Arc, time::Duration};
@@ -67,7 +67,7 @@ fn service(name: &str) -> VerifiedToken {
     }
 }
 
-/// The resolution rule of SPEC §2.2, one row per case, against the real
+/// The resolution rule (docs/api.md, "Which account a call acts on"), one row per case, against the real
 /// directory tables.
 async fn resolution_rules(b: Backend) {
     let db = directory(b).await;
@@ -501,7 +501,7 @@ fn base64_url(s: &str) -> String {
     out
 }
 
-/// SPEC §2.3, every role against every RPC of both services.
+/// The role matrix of docs/api.md, every role against every RPC of both services.
 async fn permission_matrix(b: Backend) {
     let db = directory(b).await;
     let billing = spawn_billing(&db).await;

@@ -119,7 +119,7 @@ async fn grpcurl_drives_billing_through_reflection() {
     assert_eq!(d["balance"], "90");
     assert_eq!(d["transaction"]["kind"], "TRANSACTION_KIND_DEDUCT");
     assert_eq!(d["transaction"]["credits"], "-10");
-    // grpcurl 1.8.x prints proto field names (SPEC §3).
+    // grpcurl 1.8.x prints proto field names (docs/api.md, "Services").
     assert_eq!(d["transaction"]["balance_after"], "90", "{d}");
     assert_eq!(d["transaction"]["idempotency_key"], "grpcurl-1", "{d}");
     // lowerCamelCase input names work too, and a retry replays.

@@ -213,8 +213,9 @@ async fn metrics_count_rpcs_auth_deducts_and_pool() {
 async fn unknown_methods_do_not_create_series() {
     let db = TestDb::new(Backend::Sqlite).await;
     let (server, metrics) = spawn_billing_with_metrics(test_config(&db.url)).await;
-    // A made-up path with a made-up token: refused, and counted under
-    // `unknown` so that callers cannot grow the label space.
+    // A made-up path with a made-up token: refused as not served (before
+    // the token is looked at), and counted under `unknown` so that callers
+    // cannot grow the label space.
     let mut client = tonic::client::Grpc::new(server.channel().await);
     client.ready().await.expect("ready");
     let mut request = tonic::Request::new(());
@@ -231,13 +232,13 @@ async fn unknown_methods_do_not_create_series() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.code(), Code::Unimplemented);
 
     let (_, text) = scrape(metrics).await;
     assert!(!text.contains("MintMoney"), "{text}");
     assert_metric(
         &text,
-        "igny8_grpc_server_handled_total{grpc_service=\"unknown\",grpc_method=\"unknown\",grpc_code=\"Unauthenticated\"}",
+        "igny8_grpc_server_handled_total{grpc_service=\"unknown\",grpc_method=\"unknown\",grpc_code=\"Unimplemented\"}",
         1.0,
     );
     server.stop().await.expect("clean stop");

@@ -56,7 +56,7 @@ async fn python_grpcio_client_drives_both_binaries() {
     db.account(1).credits(100).create().await;
     // The account a spoofed x-igny8-account-id header points at.
     db.account(2).credits(5000).create().await;
-    // An owner: UpdateModuleSettings needs admin or owner (SPEC §2.3).
+    // An owner: UpdateModuleSettings needs admin or owner (docs/api.md, "Roles and permissions").
     db.user(10).account(1).role("owner").create().await;
 
     let billing = Process::start(

@@ -413,3 +413,124 @@ impl RowBlocker {
         self.task.await.unwrap();
     }
 }
+
+/// A request the database refuses (here a NUL byte PostgreSQL cannot store,
+/// sent straight to the writer past the API's validation) fails alone: the
+/// rest of its batch is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_does_not_fail_its_batch() {
+    use billing_svc::{
+        error::BillingError,
+        ledger::{Entry, Kind, Ledger},
+        writer::Op,
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let ledger = Ledger::with_config(
+        db.db.clone(),
+        WriterConfig {
+            max_batch: 16,
+            shards: 1,
+            queue_capacity: 64,
+            account_share: 64,
+        },
+    );
+    let entry = |key: &str, description: &str| {
+        Op::Change(Entry {
+            kind: Kind::Deduct,
+            credits: -1,
+            operation: String::new(),
+            quantity: 0,
+            description: description.into(),
+            metadata: Default::default(),
+            idempotency_key: key.into(),
+            request_hash: key.into(),
+            actor: "test".into(),
+        })
+    };
+    // Occupy the writer with a batch stuck on a row lock, so the next three
+    // queue up and are taken as one batch.
+    let blocker = RowBlocker::hold(&db, 1).await;
+    let first = {
+        let writer = ledger.writer().clone();
+        let op = entry("first", "fine");
+        tokio::spawn(async move { writer.submit(1, op).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ops = vec![
+        entry("a", "fine"),
+        entry("b", "nul\0byte"),
+        entry("c", "fine"),
+    ];
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        blocker.release().await;
+    };
+    let (answers, ()) = tokio::join!(
+        futures::future::join_all(ops.into_iter().map(|op| ledger.writer().submit(1, op))),
+        release
+    );
+    first.await.unwrap().unwrap();
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert!(
+        matches!(answers[1], Err(BillingError::WriteFailed)),
+        "{:?}",
+        answers[1]
+    );
+    assert!(answers[2].is_ok(), "{:?}", answers[2]);
+    assert_eq!(db.ledger_sum(1).await, (-3, 3));
+    // Committed: "first", then "a" and "c" each alone after their batch
+    // with "b" failed.
+    assert_eq!(ledger.writer().metrics().totals(), (3, 3));
+}
+
+/// Each committed batch notifies `igny8_balance` once per changed account,
+/// from inside its transaction; refused requests notify nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_batches_notify_once_per_account() {
+    use billing_svc::{
+        ledger::{Entry, Kind, Ledger},
+        writer::Op,
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let igny8_db::Db::Postgres(pg) = &db.db else {
+        unreachable!()
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(pg).await.unwrap();
+    listener.listen(billing_svc::BALANCE_CHANNEL).await.unwrap();
+    let ledger = Ledger::new(db.db.clone());
+    let deduct = |key: &str, credits: i64| {
+        Op::Change(Entry {
+            kind: Kind::Deduct,
+            credits: -credits,
+            operation: String::new(),
+            quantity: 0,
+            description: String::new(),
+            metadata: Default::default(),
+            idempotency_key: key.into(),
+            request_hash: key.into(),
+            actor: "test".into(),
+        })
+    };
+    // Refused: nothing changes, nothing is sent.
+    assert!(
+        ledger
+            .writer()
+            .submit(3, deduct("x", START + 1))
+            .await
+            .is_err()
+    );
+    ledger.writer().submit(3, deduct("a", 1)).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a notification")
+        .unwrap();
+    assert_eq!(n.payload(), "3");
+    // Nothing else is pending.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.recv())
+            .await
+            .is_err()
+    );
+}

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod launcher;
+
 use std::{
     path::Path,
     process::{Command, Output},
