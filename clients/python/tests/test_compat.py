@@ -103,15 +103,15 @@ def test_configuration_from_the_environment(
 ) -> None:
     monkeypatch.setattr(compat, "_credits", None)
     monkeypatch.setattr(compat, "_settings", None)
-    for name in ("IGNY8_BILLING_URL", "IGNY8_SETTINGS_URL", "IGNY8_TOKEN", "IGNY8_TOKEN_FILE"):
+    for name in ("IGNY8_BILLING_URL", "IGNY8_SETTINGS_URL", "IGNY8_SERVICE_TOKEN", "IGNY8_SERVICE_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(InvalidArgument, match="not configured"):
         compat.get_credit_cost("clustering")
     token = tmp_path / "token"
     token.write_text(service_token("django-env"))
     monkeypatch.setenv("IGNY8_BILLING_URL", billing_addr)
-    monkeypatch.setenv("IGNY8_SETTINGS_URL", settings_addr)
-    monkeypatch.setenv("IGNY8_TOKEN_FILE", str(token))
+    monkeypatch.setenv("IGNY8_SETTINGS_URL", f"http://{settings_addr}")  # billing's own form
+    monkeypatch.setenv("IGNY8_SERVICE_TOKEN_FILE", str(token))
     row = accounts.new(credits=4)
     assert compat.check_credits(row.id, required_credits=4)
     assert compat.is_module_enabled("linker", row.id)

@@ -22,6 +22,13 @@ from igny8_client import (
 from .conftest import Accounts, access_token, free_port, service_token, sign
 
 
+def test_targets_in_url_form(billing_addr: str, accounts: Accounts) -> None:
+    account = accounts.new(credits=3)
+    for target in (f"http://{billing_addr}", f"http://{billing_addr}/", f"dns:///{billing_addr}"):
+        with Igny8Credits(target, token=account.token("viewer")) as billing:
+            assert billing.balance().balance == 3
+
+
 def test_unauthenticated_for_missing_bad_and_expired_tokens(billing_addr: str, accounts: Accounts) -> None:
     account = accounts.new()
     user = account.user("owner")
@@ -91,6 +98,8 @@ def test_arguments_the_client_refuses_before_sending() -> None:
         Igny8Credits("127.0.0.1:1", token="t", act_as=0)
     with pytest.raises(InvalidArgument, match="timeout"):
         Igny8Credits("127.0.0.1:1", token="t", timeout=0)
+    with pytest.raises(InvalidArgument, match="http"):
+        Igny8Credits("http://host:1/path", token="t")
     # Nothing listens on port 1: every refusal below happens before a call.
     with Igny8Credits("127.0.0.1:1", token="t", retry=NO_RETRY) as billing:
         for call, match in (

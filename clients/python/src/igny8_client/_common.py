@@ -332,6 +332,23 @@ def update_request(flags: Mapping[str, bool]) -> settings_pb2.UpdateModuleSettin
     )
 
 
+def parse_target(
+    target: str, credentials: grpc.ChannelCredentials | None
+) -> tuple[str, grpc.ChannelCredentials | None]:
+    """``host:port``; ``http://host:port`` (plaintext, as billing's
+    IGNY8_SETTINGS_URL is written); ``https://host:port`` (TLS, system roots
+    unless ``credentials`` are given)."""
+    lowered = target.lower()
+    if not lowered.startswith(("http://", "https://")):
+        return target, credentials  # host:port, dns:///…, unix:…: grpc's own forms
+    if lowered.startswith("https://"):
+        credentials = credentials or grpc.ssl_channel_credentials()
+    address = target.split("://", 1)[1].rstrip("/")
+    if not address or "/" in address:
+        raise InvalidArgument(f"target must be host:port or http(s)://host:port, got {target!r}")
+    return address, credentials
+
+
 def channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
     """The default options, overridden by the caller's."""
     given: list[tuple[str, Any]] = list(options or ())

@@ -58,6 +58,7 @@ class _AsyncClient:
             self._channel = target
             self._owns_channel = False
         elif isinstance(target, str) and target:
+            target, credentials = c.parse_target(target, credentials)
             opts = c.channel_options(options)
             self._channel = (
                 grpc.aio.secure_channel(target, credentials, opts)

@@ -44,6 +44,7 @@ class _Client:
             self._channel = target
             self._owns_channel = False
         elif isinstance(target, str) and target:
+            target, credentials = c.parse_target(target, credentials)
             opts = c.channel_options(options)
             self._channel = (
                 grpc.secure_channel(target, credentials, opts)

@@ -17,8 +17,10 @@ and ``settings.is_module_enabled("writer")`` becomes
 
 **Configuration.** Call :func:`configure` once (e.g. in ``AppConfig.ready``)
 with clients, or let the first call read the environment:
-``IGNY8_BILLING_URL`` and ``IGNY8_SETTINGS_URL`` (``host:port``) and the token
-in ``IGNY8_TOKEN_FILE`` (re-read when it changes) or ``IGNY8_TOKEN``. The
+``IGNY8_BILLING_URL`` and ``IGNY8_SETTINGS_URL`` (``host:port`` or
+``http(s)://host:port``) and the service token in
+``IGNY8_SERVICE_TOKEN_FILE`` (re-read when it changes) or
+``IGNY8_SERVICE_TOKEN``. The
 monolith is an internal service: give it a ``service`` token; each call then
 acts as the ``account`` it is given (``x-igny8-act-as-account``), exactly as
 the old code acted on the account object it was handed. ``account`` may be a
@@ -85,15 +87,15 @@ def configure(credits: Igny8Credits | None = None, settings: Igny8Settings | Non
 
 
 def _token_kwargs() -> dict[str, Any]:
-    path = os.environ.get("IGNY8_TOKEN_FILE")
+    path = os.environ.get("IGNY8_SERVICE_TOKEN_FILE")
     if path:
         return {"token_provider": token_from_file(path)}
-    token = os.environ.get("IGNY8_TOKEN")
+    token = os.environ.get("IGNY8_SERVICE_TOKEN")
     if token:
         return {"token": token}
     raise InvalidArgument(
         "igny8_client.compat is not configured: call compat.configure(...) or set "
-        "IGNY8_TOKEN_FILE (or IGNY8_TOKEN) and IGNY8_BILLING_URL / IGNY8_SETTINGS_URL"
+        "IGNY8_SERVICE_TOKEN_FILE (or IGNY8_SERVICE_TOKEN) and IGNY8_BILLING_URL / IGNY8_SETTINGS_URL"
     )
 
 
