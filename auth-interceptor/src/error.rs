@@ -77,6 +77,17 @@ pub enum AuthError {
     /// The act-as header is not a positive integer.
     #[error("x-igny8-act-as-account must be one positive integer account id")]
     InvalidActAs,
+    /// A long-lived call's caller now belongs to another account than the
+    /// one the call acts on (found by a recheck).
+    #[error(
+        "the caller no longer belongs to account {was}; reopen the call to act on the current account"
+    )]
+    AccountChanged {
+        /// The account the call acts on.
+        was: i64,
+        /// The caller's account now, if any.
+        now: Option<i64>,
+    },
     /// The directory could not be read; never a silent allow.
     #[error("the user directory is unavailable; retry later")]
     DirectoryUnavailable(String),
@@ -101,7 +112,8 @@ impl AuthError {
             | AuthError::AccountSuspended { .. }
             | AuthError::ActAsForbidden
             | AuthError::RoleNotAllowed { .. }
-            | AuthError::OwnAccount { .. } => Code::PermissionDenied,
+            | AuthError::OwnAccount { .. }
+            | AuthError::AccountChanged { .. } => Code::PermissionDenied,
             AuthError::ActAsRequired { .. } | AuthError::InvalidActAs => Code::InvalidArgument,
             AuthError::DirectoryUnavailable(_) => Code::Unavailable,
             AuthError::UnknownMethod(_) => Code::Unimplemented,
@@ -123,6 +135,7 @@ impl AuthError {
             AuthError::ActAsForbidden => "ACT_AS_FORBIDDEN",
             AuthError::RoleNotAllowed { .. } => "ROLE_NOT_ALLOWED",
             AuthError::OwnAccount { .. } => "OWN_ACCOUNT_FORBIDDEN",
+            AuthError::AccountChanged { .. } => "ACCOUNT_CHANGED",
             AuthError::ActAsRequired { .. } => "ACT_AS_REQUIRED",
             AuthError::InvalidActAs => "INVALID_ACT_AS",
             AuthError::DirectoryUnavailable(_) => "DIRECTORY_UNAVAILABLE",
@@ -209,6 +222,13 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (AuthError::InvalidActAs, Code::InvalidArgument),
+            (
+                AuthError::AccountChanged {
+                    was: 1,
+                    now: Some(2),
+                },
+                Code::PermissionDenied,
+            ),
             (
                 AuthError::DirectoryUnavailable("down".into()),
                 Code::Unavailable,

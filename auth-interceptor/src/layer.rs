@@ -12,8 +12,14 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use crate::{
-    context::AuthContext, directory::Directory, error::AuthError, metrics::AuthMetrics,
-    policy::Policy, resolve::Resolver, secret::BearerToken, verify::TokenVerifier,
+    context::AuthContext,
+    directory::Directory,
+    error::AuthError,
+    metrics::AuthMetrics,
+    policy::Policy,
+    resolve::{Recheck, Resolver},
+    secret::BearerToken,
+    verify::TokenVerifier,
 };
 
 /// Metadata names the layer reads and writes.
@@ -67,7 +73,17 @@ impl Authenticator {
         path: &str,
         headers: &HeaderMap,
     ) -> Result<AuthContext, AuthError> {
-        let result = self.authenticate_inner(path, headers).await;
+        self.admit(path, headers).await.map(|(ctx, _)| ctx)
+    }
+
+    /// [`Authenticator::authenticate`], plus what it takes to decide again
+    /// later ([`Recheck`]).
+    pub async fn admit(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<(AuthContext, Recheck), AuthError> {
+        let result = self.admit_inner(path, headers).await;
         match &result {
             Ok(_) => self.metrics.outcome("ok"),
             Err(e) => self.metrics.outcome(e.outcome()),
@@ -75,11 +91,11 @@ impl Authenticator {
         result
     }
 
-    async fn authenticate_inner(
+    async fn admit_inner(
         &self,
         path: &str,
         headers: &HeaderMap,
-    ) -> Result<AuthContext, AuthError> {
+    ) -> Result<(AuthContext, Recheck), AuthError> {
         let token = bearer(headers)?;
         let verified = self.verifier.verify(token.expose())?;
         let rule = self
@@ -87,7 +103,11 @@ impl Authenticator {
             .rule(path)
             .ok_or_else(|| AuthError::UnknownMethod(path.to_owned()))?;
         let act_as = act_as(headers)?;
-        self.resolver.resolve(&verified, act_as, rule).await
+        let ctx = self.resolver.resolve(&verified, act_as, rule).await?;
+        let recheck = self
+            .resolver
+            .recheck_for(verified, act_as, *rule, ctx.clone());
+        Ok((ctx, recheck))
     }
 }
 
@@ -206,11 +226,8 @@ where
                 strip_identity(request.headers_mut());
                 return inner.call(request).await;
             }
-            let ctx = match auth
-                .authenticate(request.uri().path(), request.headers())
-                .await
-            {
-                Ok(ctx) => ctx,
+            let (ctx, recheck) = match auth.admit(request.uri().path(), request.headers()).await {
+                Ok(admitted) => admitted,
                 Err(err) => return Ok(Status::from(err).into_http()),
             };
             let headers = request.headers_mut();
@@ -223,6 +240,7 @@ where
                 tracing::Span::current().record("igny8.account_id", account);
             }
             request.extensions_mut().insert(ctx);
+            request.extensions_mut().insert(recheck);
             let mut response = inner.call(request).await?;
             if let Some(account) = account {
                 response

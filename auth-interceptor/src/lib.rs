@@ -40,7 +40,7 @@ pub use error::{AuthError, ERROR_DOMAIN};
 pub use layer::{AuthLayer, AuthService, Authenticator, headers};
 pub use metrics::AuthMetrics;
 pub use policy::{Access, Policy, RpcRule, Scope};
-pub use resolve::Resolver;
+pub use resolve::{Recheck, Resolver};
 pub use secret::{BearerToken, Secret};
 pub use verify::{
     KeyConfig, MAX_TOKEN_BYTES, Principal, TokenVerifier, VerifiedToken, VerifierConfig,

@@ -30,7 +30,92 @@ impl From<DirectoryError> for AuthError {
     }
 }
 
+/// What it takes to decide a call's access again later: the verified token,
+/// the act-as header and the method's rule, with the [`Resolver`] that
+/// decided it the first time. The auth layer attaches one to every request
+/// (next to the [`AuthContext`]); long-lived calls (streams) run it
+/// periodically, so the one rule of SPEC §2.2 decides again, against the
+/// directory as it is now.
+#[derive(Clone)]
+pub struct Recheck {
+    resolver: Resolver,
+    token: VerifiedToken,
+    act_as: Option<i64>,
+    rule: RpcRule,
+    context: AuthContext,
+}
+
+impl std::fmt::Debug for Recheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recheck")
+            .field("method", &self.rule.method())
+            .field("context", &self.context)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recheck {
+    /// The recheck the auth layer attached to a request. Missing means the
+    /// handler is not behind [`crate::AuthLayer`] (a wiring bug).
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Recheck, tonic::Status> {
+        request
+            .extensions()
+            .get::<Recheck>()
+            .cloned()
+            .ok_or_else(|| {
+                tonic::Status::internal("request reached a handler without an auth recheck")
+            })
+    }
+
+    /// The context the call was admitted with.
+    pub fn context(&self) -> &AuthContext {
+        &self.context
+    }
+
+    /// Decides the call's access again (see [`Resolver::recheck`]).
+    pub async fn run(&self) -> Result<AuthContext, AuthError> {
+        self.resolver.recheck(self).await
+    }
+}
+
 impl Resolver {
+    /// Decides an admitted call's access again, with the same rule and the
+    /// directory as it is now (through the same bounded-staleness cache).
+    /// Besides every refusal [`Resolver::resolve`] can give (user removed or
+    /// deactivated, role no longer allowed, account gone), a caller whose
+    /// authoritative account is no longer the one the call acts on (a user
+    /// moved to another account) is refused with
+    /// [`AuthError::AccountChanged`].
+    pub async fn recheck(&self, admitted: &Recheck) -> Result<AuthContext, AuthError> {
+        let now = self
+            .resolve(&admitted.token, admitted.act_as, &admitted.rule)
+            .await?;
+        if now.account_id != admitted.context.account_id {
+            return Err(AuthError::AccountChanged {
+                was: admitted.context.account_id.unwrap_or_default(),
+                now: now.account_id,
+            });
+        }
+        Ok(now)
+    }
+
+    /// A [`Recheck`] for a call admitted as `context`.
+    pub(crate) fn recheck_for(
+        &self,
+        token: VerifiedToken,
+        act_as: Option<i64>,
+        rule: RpcRule,
+        context: AuthContext,
+    ) -> Recheck {
+        Recheck {
+            resolver: self.clone(),
+            token,
+            act_as,
+            rule,
+            context,
+        }
+    }
+
     /// A resolver reading this directory and counting into these metrics.
     pub fn new(directory: Arc<dyn Directory>, metrics: AuthMetrics) -> Self {
         Self { directory, metrics }

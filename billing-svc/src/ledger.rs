@@ -308,6 +308,11 @@ impl Ledger {
         &self.writer
     }
 
+    /// The database, for reads beyond this type's (balance streams).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     /// Applies `entry` (a deduct or a grant) to `account` exactly once per
     /// idempotency key.
     ///

@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod page_token;
 pub mod service;
+pub mod watch;
 pub mod writer;
 
 /// The PostgreSQL `NOTIFY` channel of balance changes: one notification per
@@ -24,7 +25,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use auth_interceptor::KeyConfig;
 use igny8_proto::billing::v1::billing_service_server::BillingServiceServer;
-use service_kit::{Defaults, Server, ServiceConfig, StartError};
+use service_kit::{ChangeHub, Defaults, Server, ServiceConfig, StartError};
 
 pub use costs::CostTable;
 pub use service::Billing;
@@ -91,6 +92,8 @@ pub async fn build_with(
         KeyConfig::Jwks(doc) => doc.clone().into_bytes(),
     };
     let mut server = Server::bind(config, igny8_proto::BILLING_SERVICE_NAME).await?;
+    let streams = server.streams();
+    let changes = ChangeHub::start(server.db(), BALANCE_CHANNEL, streams.drain.clone());
     let billing = Billing::new(
         Arc::new(table),
         match options.ledger {
@@ -98,7 +101,8 @@ pub async fn build_with(
             None => ledger::Ledger::new(server.db().clone()),
         },
         &key_material,
-    );
+    )
+    .with_streams(changes, streams);
     billing
         .ledger()
         .writer()

@@ -6,12 +6,16 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use auth_interceptor::AuthContext;
+use auth_interceptor::{AuthContext, Recheck};
 use igny8_proto::billing::v1::{
     self as pb, billing_service_server::BillingService, capture_hold_request, check_request,
     deduct_request, reserve_request,
 };
 use serde::Serialize;
+use service_kit::{
+    ChangeHub, StreamEnv,
+    streams::{self, WatchStream},
+};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
@@ -20,6 +24,7 @@ use crate::{
     error::BillingError,
     ledger::{Entry, HoldRow, Kind, Ledger, LedgerRow, micros},
     page_token::PageTokens,
+    watch::{self, WatchedBalance},
     writer::{CaptureAmount, Done, NewHold, NewRefund, Op},
 };
 
@@ -54,6 +59,9 @@ pub struct Billing {
     table: Arc<CostTable>,
     ledger: Ledger,
     tokens: PageTokens,
+    /// Balance changes of this process (and, on PostgreSQL, every replica).
+    changes: ChangeHub,
+    streams: StreamEnv,
 }
 
 /// A cost as asked for: by usage or as raw credits.
@@ -153,11 +161,25 @@ impl Billing {
     /// A service over this table and ledger; page tokens are keyed with
     /// `page_token_key`.
     pub fn new(table: Arc<CostTable>, ledger: Ledger, page_token_key: &[u8]) -> Self {
+        let changes = ChangeHub::new();
+        watch::notify_commits(ledger.writer(), &changes);
         Self {
             table,
             ledger,
             tokens: PageTokens::new(page_token_key),
+            changes,
+            streams: StreamEnv::detached(),
         }
+    }
+
+    /// Balance streams use `changes` (fed by the ledger writer's commits
+    /// here, and by other replicas when it listens on PostgreSQL), end when
+    /// this server drains and re-check access as `streams` says.
+    pub fn with_streams(mut self, changes: ChangeHub, streams: StreamEnv) -> Self {
+        watch::notify_commits(self.ledger.writer(), &changes);
+        self.changes = changes;
+        self.streams = streams;
+        self
     }
 
     /// The ledger this service writes through.
@@ -778,15 +800,24 @@ impl BillingService for Billing {
         }
     }
 
-    type WatchBalanceStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::WatchBalanceResponse, Status>> + Send + 'static>,
-    >;
+    type WatchBalanceStream = WatchStream<pb::WatchBalanceResponse>;
 
     async fn watch_balance(
         &self,
-        _request: Request<pb::WatchBalanceRequest>,
+        request: Request<pb::WatchBalanceRequest>,
     ) -> Result<Response<Self::WatchBalanceStream>, Status> {
-        Err(Status::unimplemented("WatchBalance: in progress"))
+        let account = AuthContext::of(&request)?.account()?;
+        let recheck = Recheck::of(&request)?;
+        let threshold = watch::threshold(request.get_ref())?;
+        // Subscribe before the first read: no change can fall in between.
+        let subscription = self.changes.subscribe(account);
+        let watched = WatchedBalance::new(self.ledger.clone(), account, threshold);
+        Ok(Response::new(streams::watch(
+            self.streams.clone(),
+            subscription,
+            recheck,
+            watched,
+        )))
     }
 }
 

@@ -37,6 +37,8 @@ pub const DEMO_EMAIL: &str = "demo@igny8.local";
 pub const DEMO_GRANT_KEY: &str = "igny8ctl-dev:demo-credits";
 /// Idempotency key of the printed Deduct call.
 pub const DEMO_DEDUCT_KEY: &str = "readme-demo-1";
+/// The Reserve key of the printed hold example.
+pub const DEMO_HOLD_KEY: &str = "readme-hold-1";
 /// How long `dev` waits for both services to report SERVING.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -240,6 +242,28 @@ pub fn grpcurl_calls(token: &str, billing: SocketAddr, settings: SocketAddr) -> 
     ]
 }
 
+/// The printed hold example: a Reserve whose hold id the shell keeps, then a
+/// CaptureHold of what the work really used. Both lines run as printed, one
+/// after the other, and again after a restart (the Reserve key replays the
+/// same hold, and the same capture replays).
+pub fn hold_example(token: &str, billing: SocketAddr) -> [String; 2] {
+    let header = sq(&format!("authorization: Bearer {token}"));
+    let billing_svc = igny8_proto::BILLING_SERVICE_NAME;
+    let reserve = format!(
+        r#"{{"usage":{{"operation":"content","quantity":4000}},"idempotency_key":"{DEMO_HOLD_KEY}","ttl":"600s"}}"#
+    );
+    [
+        format!(
+            "HOLD_ID=$(grpcurl -plaintext -H {header} -d {} {billing} {billing_svc}/Reserve | python3 -c {})",
+            sq(&reserve),
+            sq(r#"import json, sys; print(json.load(sys.stdin)["hold"]["id"])"#)
+        ),
+        format!(
+            r#"grpcurl -plaintext -emit-defaults -H {header} -d "{{\"hold_id\":\"$HOLD_ID\",\"usage\":{{\"operation\":\"content\",\"quantity\":2500}}}}" {billing} {billing_svc}/CaptureHold"#
+        ),
+    ]
+}
+
 fn print_banner(
     options: &DevOptions,
     seeded: &Seeded,
@@ -304,6 +328,14 @@ fn print_banner(
     println!(
         "Deduct uses idempotency key {DEMO_DEDUCT_KEY:?}: run it twice and the second answer is a replay."
     );
+    println!();
+    println!(
+        "Hold credits before the work (40 for 4000 words), then capture what it used (25 for 2500):"
+    );
+    println!();
+    for line in hold_example(token, billing) {
+        println!("  {line}");
+    }
     println!(
         "More tokens: cargo run -q -p igny8ctl -- token user --id {DEMO_USER}    (see cargo run -q -p igny8ctl -- --help)"
     );

@@ -81,7 +81,8 @@ fn dev_prints_calls_that_work_and_a_restart_reuses_the_data() {
     ] {
         assert!(banner.contains(&needle), "{needle:?} in:\n{banner}");
     }
-    assert_eq!(first.calls().len(), 5, "{banner}");
+    // Five calls, plus the CaptureHold of the hold example.
+    assert_eq!(first.calls().len(), 6, "{banner}");
     for call in first.calls().iter().filter(|c| !c.ends_with(" list")) {
         assert!(call.contains(" -emit-defaults "), "{call}");
     }
@@ -111,6 +112,29 @@ fn dev_prints_calls_that_work_and_a_restart_reuses_the_data() {
     assert_eq!(field(&module, "module"), "MODULE_WRITER", "{module}");
     assert_eq!(field(&module, "enabled"), true, "{module}");
 
+    // The hold example: both lines, as printed, in one shell.
+    let reserve_line = first
+        .banner
+        .iter()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with("HOLD_ID=$(grpcurl ") && l.ends_with("Reserve | python3 -c 'import json, sys; print(json.load(sys.stdin)[\"hold\"][\"id\"])')"))
+        .unwrap_or_else(|| panic!("no Reserve line in:\n{banner}"))
+        .to_owned();
+    let capture_line = first.call("/CaptureHold");
+    let hold = |_: ()| sh_json(&format!("{reserve_line}\n{capture_line}"));
+    let captured = hold(());
+    assert_eq!(
+        field(field(&captured, "hold"), "state"),
+        "HOLD_STATE_CAPTURED",
+        "{captured}"
+    );
+    assert_eq!(field(&captured, "balance"), "973", "{captured}");
+    assert_eq!(field(&captured, "replayed"), false, "{captured}");
+    // Run again: the Reserve key replays the same hold, the capture replays.
+    let again = hold(());
+    assert_eq!(field(&again, "replayed"), true, "{again}");
+    assert_eq!(field(&again, "balance"), "973", "{again}");
+
     let old_balance_call = first.call("/GetBalance");
     let old_billing = first.billing;
     let (status, stderr) = first.stop("INT");
@@ -130,33 +154,34 @@ fn dev_prints_calls_that_work_and_a_restart_reuses_the_data() {
         "no demo row is created twice:\n{banner}"
     );
     assert!(
-        banner.contains("balance 998 credits"),
-        "the earlier Deduct is remembered:\n{banner}"
+        banner.contains("balance 973 credits"),
+        "the earlier Deduct and capture are remembered:\n{banner}"
     );
 
     // The first run's token still works.
     let old_token_call =
         old_balance_call.replace(&old_billing.to_string(), &second.billing.to_string());
     let balance = sh_json(&old_token_call);
-    assert_eq!(field(&balance, "balance"), "998", "{balance}");
+    assert_eq!(field(&balance, "balance"), "973", "{balance}");
 
     // The printed Deduct is idempotent across restarts.
     let replay = sh_json(&second.call("/Deduct"));
     assert_eq!(field(&replay, "replayed"), true, "{replay}");
     assert_eq!(field(&replay, "balance"), "998", "{replay}");
 
-    // One grant and one deduction in the ledger: nothing seeded twice.
+    // One grant, one deduction and one capture in the ledger: nothing
+    // seeded twice.
     let shown = run(igny8ctl(dir.path()).args(["balance", "--account", "1"]));
     let out = shown.ok();
-    assert!(out.contains("\"Demo\" (active): 998 credits"), "{out}");
-    assert!(out.contains("ledger: 2 rows summing to 998"), "{out}");
+    assert!(out.contains("\"Demo\" (active): 973 credits"), "{out}");
+    assert!(out.contains("ledger: 3 rows summing to 973"), "{out}");
 
     // The operator CLI mints with the same development secret.
     let minted = run(igny8ctl(dir.path()).args(["token", "user", "--id", "1"]));
     let fresh = minted.ok().trim().to_owned();
     assert!(minted.stderr.contains("DEVELOPMENT"), "{}", minted.stderr);
     let call = second.call("/GetBalance").replace(&second.token(), &fresh);
-    assert_eq!(field(&sh_json(&call), "balance"), "998");
+    assert_eq!(field(&sh_json(&call), "balance"), "973");
 
     let (status, stderr) = second.stop("TERM");
     assert!(status.success(), "SIGTERM exits 0, got {status}\n{stderr}");

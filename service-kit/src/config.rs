@@ -7,6 +7,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, Secret, VerifierConfig};
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
 
+/// How often an open stream re-checks the caller's access by default.
+pub const DEFAULT_STREAM_RECHECK: Duration = Duration::from_secs(30);
+
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
@@ -57,6 +60,9 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
+    /// `IGNY8_STREAM_RECHECK_SECS` (default 30, at most 60): how often an open
+    /// stream re-checks the caller's access.
+    pub stream_recheck: Duration,
 }
 
 impl ServiceConfig {
@@ -166,6 +172,12 @@ impl ServiceConfig {
             },
             log_format,
             otlp_endpoint: parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT"))?,
+            stream_recheck: Duration::from_secs(parse_num(
+                "IGNY8_STREAM_RECHECK_SECS",
+                get("IGNY8_STREAM_RECHECK_SECS"),
+                DEFAULT_STREAM_RECHECK.as_secs(),
+                1..=60,
+            )?),
         })
     }
 }
@@ -278,6 +290,7 @@ mod tests {
         assert!(c.run_migrations);
         assert_eq!(c.metrics_addr.unwrap().to_string(), "0.0.0.0:9101");
         assert_eq!(c.otlp_endpoint, None);
+        assert_eq!(c.stream_recheck, DEFAULT_STREAM_RECHECK);
     }
 
     #[test]
@@ -337,6 +350,13 @@ mod tests {
             (
                 vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_JWT_LEEWAY_SECS", "-1")],
                 "IGNY8_JWT_LEEWAY_SECS",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("IGNY8_STREAM_RECHECK_SECS", "61"),
+                ],
+                "IGNY8_STREAM_RECHECK_SECS",
             ),
             (
                 vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_RUN_MIGRATIONS", "maybe")],

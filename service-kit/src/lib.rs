@@ -14,14 +14,18 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod changes;
 pub mod config;
 pub mod main_helper;
 mod metrics;
 mod rpc;
 pub mod server;
+pub mod streams;
 pub mod telemetry;
 
 pub use app::App;
+pub use changes::{Change, ChangeHub, Subscription};
 pub use config::{ConfigError, Defaults, ServiceConfig};
-pub use server::{GrpcService, LIVENESS_SERVICE, Server, StartError, shutdown_signal};
+pub use server::{Drain, GrpcService, LIVENESS_SERVICE, Server, StartError, shutdown_signal};
+pub use streams::StreamEnv;
 pub use telemetry::Telemetry;

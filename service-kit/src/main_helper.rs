@@ -24,6 +24,7 @@ Configuration (environment):
   IGNY8_DB_MAX_CONNECTIONS      pool size (default 16)
   IGNY8_DB_ACQUIRE_TIMEOUT_SECS wait for a pooled connection (default 5)
   IGNY8_DIRECTORY_CACHE_MS      directory cache staleness bound, ≤ 1000 (default 500)
+  IGNY8_STREAM_RECHECK_SECS     Watch streams re-check access this often, 1–60 (default 30)
   IGNY8_LOG_FORMAT              text or json (default text)
   OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC collector, http://host:4317 (unset: no trace export)
   RUST_LOG                      log filter (default info)";

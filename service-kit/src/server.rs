@@ -102,6 +102,39 @@ pub struct Server {
     auth_metrics: AuthMetrics,
     metrics: Metrics,
     health: Health,
+    draining_tx: watch::Sender<bool>,
+}
+
+/// Fires once the server starts draining (SIGTERM): long-lived calls
+/// (streams) watch it to end with UNAVAILABLE so clients reconnect to another
+/// replica, and background tasks to stop. Also fires when the server is
+/// dropped without serving. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    rx: watch::Receiver<bool>,
+    /// Only for [`Drain::never`]: keeps the channel open.
+    _never: Option<Arc<watch::Sender<bool>>>,
+}
+
+impl Drain {
+    /// Completes once draining has begun (at once if it already has).
+    pub async fn wait(&mut self) {
+        let _ = self.rx.wait_for(|d| *d).await;
+    }
+
+    /// True once draining has begun.
+    pub fn is_draining(&self) -> bool {
+        *self.rx.borrow() || self.rx.has_changed().is_err()
+    }
+
+    /// A signal that never fires, for services built outside a [`Server`].
+    pub fn never() -> Self {
+        let (tx, rx) = watch::channel(false);
+        Self {
+            rx,
+            _never: Some(Arc::new(tx)),
+        }
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -166,6 +199,7 @@ impl Server {
             .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
         Ok(Self {
+            draining_tx: watch::channel(false).0,
             migrations_pending: config.run_migrations && !migrated,
             config,
             service_name,
@@ -210,6 +244,23 @@ impl Server {
         &self.auth_metrics
     }
 
+    /// The drain signal, for streams and background tasks.
+    pub fn drain(&self) -> Drain {
+        Drain {
+            rx: self.draining_tx.subscribe(),
+            _never: None,
+        }
+    }
+
+    /// What a service's streaming handlers need: the drain signal and how
+    /// often to re-check the caller's access (`IGNY8_STREAM_RECHECK_SECS`).
+    pub fn streams(&self) -> crate::streams::StreamEnv {
+        crate::streams::StreamEnv {
+            drain: self.drain(),
+            recheck_every: self.config.stream_recheck,
+        }
+    }
+
     /// Serves `service` until `shutdown` completes, then reports NOT_SERVING,
     /// stops accepting and drains in-flight calls for at most the configured
     /// shutdown timeout.
@@ -228,6 +279,7 @@ impl Server {
             authenticator,
             metrics,
             health,
+            draining_tx,
             ..
         } = self;
         let rpc_layer = RpcLayer::new(
@@ -256,7 +308,7 @@ impl Server {
                 .with_service_name(service_name)
                 .with_service_name("grpc.health.v1.Health")
         };
-        let (draining_tx, draining) = watch::channel(false);
+        let draining = draining_tx.subscribe();
         let readiness = tokio::spawn(readiness(
             db.clone(),
             health.clone(),
@@ -273,7 +325,7 @@ impl Server {
                     "shutdown requested: reporting NOT_SERVING and draining in-flight calls"
                 );
                 health.drain().await;
-                let _ = draining_tx.send(true);
+                draining_tx.send_replace(true);
             }
         };
         let addr = listener.local_addr().ok();

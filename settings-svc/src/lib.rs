@@ -13,7 +13,7 @@ pub mod service;
 pub mod store;
 
 use igny8_proto::settings::v1::settings_service_server::SettingsServiceServer;
-use service_kit::{Defaults, Server, ServiceConfig, StartError};
+use service_kit::{ChangeHub, Defaults, Server, ServiceConfig, StartError};
 
 pub use service::Settings;
 
@@ -30,9 +30,12 @@ pub type App = service_kit::App<SettingsServiceServer<Settings>>;
 /// service. Serving starts with [`service_kit::App::run_until_stopped`].
 pub async fn build(config: ServiceConfig) -> Result<App, StartError> {
     let server = Server::bind(config, igny8_proto::SETTINGS_SERVICE_NAME).await?;
-    let store = store::SettingsStore::new(server.db().clone(), store::CACHE_TTL);
+    let streams = server.streams();
+    let changes = ChangeHub::start(server.db(), store::SETTINGS_CHANNEL, streams.drain.clone());
+    let store =
+        store::SettingsStore::new(server.db().clone(), store::CACHE_TTL).with_changes(changes);
     Ok(App::new(
         server,
-        SettingsServiceServer::new(Settings::new(store)),
+        SettingsServiceServer::new(Settings::new(store).with_streams(streams)),
     ))
 }

@@ -3,8 +3,12 @@
 //! The account always comes from the [`AuthContext`]; `settings.account_id`
 //! in a request is output-only and ignored.
 
-use auth_interceptor::AuthContext;
+use auth_interceptor::{AuthContext, Recheck};
 use igny8_proto::settings::v1::{self as pb, Module, settings_service_server::SettingsService};
+use service_kit::{
+    StreamEnv,
+    streams::{self, Read, WatchStream, Watched},
+};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -17,12 +21,53 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Settings {
     store: SettingsStore,
+    streams: StreamEnv,
 }
 
 impl Settings {
-    /// A service over this store.
+    /// A service over this store. Its streams never see a drain until
+    /// [`Settings::with_streams`] gives them the server's.
     pub fn new(store: SettingsStore) -> Self {
-        Self { store }
+        Self {
+            store,
+            streams: StreamEnv::detached(),
+        }
+    }
+
+    /// Streams end when this server drains and re-check access this often.
+    pub fn with_streams(mut self, streams: StreamEnv) -> Self {
+        self.streams = streams;
+        self
+    }
+}
+
+/// One account's switches, as a `WatchModuleSettings` stream sees them.
+struct WatchedSettings {
+    store: SettingsStore,
+    account: i64,
+    last: Option<pb::ModuleSettings>,
+}
+
+impl Watched for WatchedSettings {
+    type Message = pb::WatchModuleSettingsResponse;
+
+    async fn read(&mut self) -> Result<Read<Self::Message>, Status> {
+        let settings = to_proto(&*self.store.get_or_create(self.account).await?);
+        // A wake-up without a visible change (a notification heard twice:
+        // in-process and over LISTEN) sends nothing.
+        if self.last.as_ref() == Some(&settings) {
+            return Ok(Read {
+                message: None,
+                wake_at: None,
+            });
+        }
+        self.last = Some(settings);
+        Ok(Read {
+            message: Some(pb::WatchModuleSettingsResponse {
+                settings: Some(settings),
+            }),
+            wake_at: None,
+        })
     }
 }
 
@@ -199,19 +244,27 @@ impl SettingsService for Settings {
         }))
     }
 
-    type WatchModuleSettingsStream = std::pin::Pin<
-        Box<
-            dyn futures::Stream<Item = Result<pb::WatchModuleSettingsResponse, Status>>
-                + Send
-                + 'static,
-        >,
-    >;
+    type WatchModuleSettingsStream = WatchStream<pb::WatchModuleSettingsResponse>;
 
     async fn watch_module_settings(
         &self,
-        _request: Request<pb::WatchModuleSettingsRequest>,
+        request: Request<pb::WatchModuleSettingsRequest>,
     ) -> Result<Response<Self::WatchModuleSettingsStream>, Status> {
-        Err(Status::unimplemented("WatchModuleSettings: in progress"))
+        let account = AuthContext::of(&request)?.account()?;
+        let recheck = Recheck::of(&request)?;
+        // Subscribe before the first read: no change can fall in between.
+        let subscription = self.store.changes().subscribe(account);
+        let watched = WatchedSettings {
+            store: self.store.clone(),
+            account,
+            last: None,
+        };
+        Ok(Response::new(streams::watch(
+            self.streams.clone(),
+            subscription,
+            recheck,
+            watched,
+        )))
     }
 }
 

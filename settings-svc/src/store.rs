@@ -2,20 +2,31 @@
 //! the database.
 
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
 use igny8_db::{BeginWrite, Db, on_pool};
 use moka::future::Cache;
+use service_kit::{Change, ChangeHub};
 
 use crate::error::SettingsError;
 
 /// How long a replica may answer from memory. An update made on this replica
 /// is visible at once (the cache is written through); one made on another
-/// replica within this bound.
+/// replica as soon as its change notification arrives (PostgreSQL), and in
+/// any case within this bound — the backstop for a lost notification.
 pub const CACHE_TTL: Duration = Duration::from_millis(500);
+
+/// The PostgreSQL `NOTIFY` channel of settings changes: sent by the updating
+/// transaction, the account id as payload.
+pub const SETTINGS_CHANNEL: &str = "igny8_settings";
+
+/// `pg_notify` from inside the updating transaction: only committed changes
+/// notify.
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 /// One account's switches, in [`crate::modules::FIELDS`] order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +117,25 @@ pub struct SettingsStore {
     cache: Cache<i64, Cached>,
     /// When this replica last committed an update, per account.
     writes: Cache<i64, Instant>,
+    /// Change notifications heard (any replica), per account: copies read
+    /// before are not served. Kept only while a copy could outlive them.
+    heard: Arc<Mutex<Heard>>,
+    changes: ChangeHub,
+    ttl: Duration,
+}
+
+/// Notifications heard, for the cache.
+#[derive(Default)]
+struct Heard {
+    accounts: HashMap<i64, Instant>,
+    /// When notifications may last have been lost.
+    all: Option<Instant>,
+}
+
+impl Heard {
+    fn latest(&self, account: i64) -> Option<Instant> {
+        self.accounts.get(&account).copied().max(self.all)
+    }
 }
 
 impl std::fmt::Debug for SettingsStore {
@@ -128,7 +158,43 @@ impl SettingsStore {
                 .max_capacity(100_000)
                 .time_to_live(ttl * 2)
                 .build(),
+            heard: Arc::default(),
+            changes: ChangeHub::new(),
+            ttl,
         }
+    }
+
+    /// Uses `hub` for change notifications: updates notify it (in-process),
+    /// and every notification it carries — from any replica, on PostgreSQL
+    /// — makes the account's cached copy unservable at once (before any
+    /// stream subscriber hears of the change).
+    pub fn with_changes(mut self, hub: ChangeHub) -> Self {
+        let heard = self.heard.clone();
+        // A copy lives at most `ttl` after its read ends; like `writes`, a
+        // notification is kept for twice that (a read may be slow).
+        let keep = self.ttl * 2;
+        hub.on_change(Arc::new(move |change| {
+            let now = Instant::now();
+            let mut heard = heard.lock().expect("lock");
+            match change {
+                Change::Account(account) => {
+                    heard.accounts.insert(account, now);
+                    if heard.accounts.len() > 4096 {
+                        heard
+                            .accounts
+                            .retain(|_, at| now.duration_since(*at) <= keep);
+                    }
+                }
+                Change::All => heard.all = Some(now),
+            }
+        }));
+        self.changes = hub;
+        self
+    }
+
+    /// The change notifications of this store's accounts.
+    pub fn changes(&self) -> &ChangeHub {
+        &self.changes
     }
 
     async fn read(&self, account: i64) -> Result<Cached, SettingsError> {
@@ -156,7 +222,8 @@ impl SettingsStore {
             .try_get_with(account, self.read(account))
             .await
             .map_err(|e| (*e).clone())?;
-        match self.writes.get(&account).await {
+        let heard = self.heard.lock().expect("lock").latest(account);
+        match self.writes.get(&account).await.max(heard) {
             Some(written) if written > entry.read_started => self.get_or_create(account).await,
             _ => Ok(entry.switches),
         }
@@ -177,7 +244,9 @@ impl SettingsStore {
 
     /// Applies `changes` (one `Some` per switch to set) and returns the new
     /// switches; creates the row first when needed. The cache is written
-    /// through, so this replica's next read sees the change.
+    /// through, so this replica's next read sees the change; on PostgreSQL
+    /// the transaction also notifies [`SETTINGS_CHANNEL`] (other replicas),
+    /// and after the commit this process's subscribers are notified.
     #[tracing::instrument(name = "settings.update", skip(self), err(level = "debug"))]
     pub async fn update(
         &self,
@@ -185,6 +254,7 @@ impl SettingsStore {
         changes: [Option<bool>; 8],
     ) -> Result<Arc<Switches>, SettingsError> {
         let now = Utc::now();
+        let notify = self.db.backend() == igny8_db::Backend::Postgres;
         let row: Row = on_pool!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             sqlx::query(CREATE).bind(account).bind(now).execute(&mut *tx).await?;
@@ -193,6 +263,9 @@ impl SettingsStore {
                 query = query.bind(change);
             }
             let row = query.bind(now).bind(account).fetch_one(&mut *tx).await?;
+            if notify {
+                sqlx::query(NOTIFY).bind(SETTINGS_CHANNEL).bind(account.to_string()).execute(&mut *tx).await?;
+            }
             tx.commit().await?;
             row
         });
@@ -208,6 +281,7 @@ impl SettingsStore {
                 },
             )
             .await;
+        self.changes.notify(&[account]);
         Ok(switches)
     }
 }

@@ -399,6 +399,38 @@ def main(argv: list[str] | None = None) -> int:
 
             checks.check("Reserve -> CaptureHold -> Refund", hold_flow)
 
+            # --- live changes: server streaming -------------------------------
+            def watch_balance():
+                stream = billing.WatchBalance(
+                    billing_pb2.WatchBalanceRequest(), metadata=user_md, timeout=TIMEOUT
+                )
+                try:
+                    now = next(stream)
+                    assert now.account_id == args.account, f"stream for account {now.account_id}"
+                    assert now.available == now.balance - now.held, f"available {now.available}"
+                    assert now.available >= 1, "seed the account with credits left after the checks above"
+                    # A hold moves no balance and writes no ledger row, but it
+                    # changes held/available: the stream reports it.
+                    hold = billing.Reserve(
+                        billing_pb2.ReserveRequest(credits=1, idempotency_key="python-watch-1"),
+                        metadata=user_md,
+                        timeout=TIMEOUT,
+                    ).hold
+                    changed = next(stream)
+                    assert (changed.balance, changed.held) == (now.balance, now.held + 1), (
+                        f"after reserving 1 credit the stream says balance {changed.balance} "
+                        f"held {changed.held}; was {now.balance}/{now.held}"
+                    )
+                    billing.ReleaseHold(
+                        billing_pb2.ReleaseHoldRequest(hold_id=hold.id), metadata=user_md, timeout=TIMEOUT
+                    )
+                    released = next(stream)
+                    assert released.held == now.held, f"held {released.held} after the release"
+                finally:
+                    stream.cancel()
+
+            checks.check("WatchBalance: current state, then the change", watch_balance)
+
             # --- settings ----------------------------------------------------
             flags = [f.name for f in settings_pb2.ModuleSettings.DESCRIPTOR.fields if f.name.endswith("_enabled")]
             assert len(flags) == 8, f"expected 8 module switches, found {flags}"
@@ -441,6 +473,28 @@ def main(argv: list[str] | None = None) -> int:
                 assert c.enabled is True, "CheckModule(MODULE_PLANNER) was switched off"
 
             checks.check("UpdateModuleSettings with FieldMask", update)
+
+            def watch_settings():
+                stream = settings.WatchModuleSettings(
+                    settings_pb2.WatchModuleSettingsRequest(), metadata=user_md, timeout=TIMEOUT
+                )
+                try:
+                    now = next(stream).settings
+                    assert not now.writer_enabled, "the stream's first message is not the current state"
+                    settings.UpdateModuleSettings(
+                        settings_pb2.UpdateModuleSettingsRequest(
+                            settings=settings_pb2.ModuleSettings(writer_enabled=True),
+                            update_mask=field_mask_pb2.FieldMask(paths=["writer_enabled"]),
+                        ),
+                        metadata=user_md,
+                        timeout=TIMEOUT,
+                    )
+                    changed = next(stream).settings
+                    assert changed.writer_enabled, "the stream did not carry the update"
+                finally:
+                    stream.cancel()
+
+            checks.check("WatchModuleSettings: current settings, then the update", watch_settings)
 
             def unspecified():
                 for module in (settings_pb2.MODULE_UNSPECIFIED, 99):

@@ -415,6 +415,7 @@ pub fn test_config(url: &str) -> ServiceConfig {
         directory_cache_ttl: auth_interceptor::DEFAULT_CACHE_TTL,
         log_format: LogFormat::Text,
         otlp_endpoint: None,
+        stream_recheck: service_kit::config::DEFAULT_STREAM_RECHECK,
     }
 }
 
