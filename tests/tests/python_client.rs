@@ -119,11 +119,13 @@ fn pytest(args: &[&str], min_passed: usize) -> String {
 }
 
 /// Every method and exception, the retry across a SIGKILL restart, compat,
-/// asyncio, streams and module checks (those two skip, saying why, while the
-/// servers lack them), the committed stubs and `mypy --strict`.
+/// asyncio, the streams, the committed stubs and `mypy --strict`. The
+/// module-check test skips, saying why, while billing-svc lacks
+/// `IGNY8_SETTINGS_URL` (issue 11's module-aware charging); the minimum
+/// count keeps the stream tests from skipping unnoticed.
 #[test]
 fn python_client_against_the_real_binaries() {
-    pytest(&["-k", "not fresh_venv"], 41);
+    pytest(&["-k", "not fresh_venv"], 45);
 }
 
 /// The README's one install command, in a fresh virtual environment (needs

@@ -1,9 +1,10 @@
 """watch() / watch_balance() and module-aware charging (SPEC §3.5).
 
-These need the live-pair issue (11) in the servers: WatchModuleSettings and
-WatchBalance streams, and billing asking settings about modules. Until it is
-in, the servers answer the streams with UNIMPLEMENTED and billing does not
-know IGNY8_SETTINGS_URL; the tests then skip and say so.
+These need the live-pair issue (11) in the servers. The streams are in (the
+stream tests skip, saying so, only against a build whose servers answer
+UNIMPLEMENTED; tests/tests/python_client.rs counts the passes, so they cannot
+silently skip there). Module-aware charging is being merged: until billing-svc
+knows IGNY8_SETTINGS_URL, the ModuleDisabled test skips and says so.
 """
 
 from __future__ import annotations
