@@ -90,7 +90,7 @@ errors = []
 CLUSTER_SCOPED = {"Namespace"}
 # Secrets that the base references but that an overlay may leave to an
 # external secret manager (documented in deploy/README.md).
-EXTERNAL_SECRETS = {"igny8-secrets"}
+EXTERNAL_SECRETS = {"igny8-secrets", "igny8-grpc-tls", "igny8-db-ca"}
 
 names = {(d["kind"], d["metadata"]["name"]) for d in docs}
 for d in docs:

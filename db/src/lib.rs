@@ -10,6 +10,7 @@ use std::{str::FromStr, time::Duration};
 
 use sqlx::{
     PgPool, SqlitePool,
+    migrate::Migrator,
     postgres::{PgConnectOptions, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
@@ -17,6 +18,11 @@ use sqlx::{
 /// The URL used when `DATABASE_URL` is unset: a SQLite file in the working
 /// directory, created on first use.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://igny8.db";
+
+/// The PostgreSQL migrations this binary embeds.
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+/// The SQLite migrations this binary embeds.
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// A database error, with what the caller was doing.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +117,7 @@ impl Db {
             Backend::Postgres => {
                 let options = PgConnectOptions::from_str(url)
                     .map_err(|e| DbError::InvalidUrl(format!("{}: {e}", redact_url(url))))?;
+                check_tls_files(url)?;
                 Ok(Db::Postgres(
                     PgPoolOptions::new()
                         .max_connections(config.max_connections)
@@ -163,10 +170,65 @@ impl Db {
     /// several replicas at once on PostgreSQL (sqlx takes an advisory lock).
     pub async fn migrate(&self) -> Result<(), DbError> {
         match self {
-            Db::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
-            Db::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Db::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
+            Db::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
         }
         Ok(())
+    }
+
+    /// The migrations this binary embeds that the database does not have
+    /// (absent, failed, or applied with different contents), in order; empty
+    /// when the schema is what this binary expects. Migrations the database
+    /// has beyond these (a newer release's) do not count: they are additive.
+    /// One or two small queries; also answers whether the database is up.
+    pub async fn missing_migrations(&self) -> Result<Vec<MissingMigration>, DbError> {
+        const APPLIED: &str = "SELECT version, checksum, success FROM _sqlx_migrations";
+        let (migrator, applied): (&Migrator, Vec<AppliedMigration>) = match self {
+            Db::Postgres(pool) => {
+                let exists: bool =
+                    sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                        .fetch_one(pool)
+                        .await?;
+                let rows = if exists {
+                    sqlx::query_as(APPLIED).fetch_all(pool).await?
+                } else {
+                    Vec::new()
+                };
+                (&POSTGRES_MIGRATIONS, rows)
+            }
+            Db::Sqlite(pool) => {
+                let exists: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+                )
+                .fetch_one(pool)
+                .await?;
+                let rows = if exists > 0 {
+                    sqlx::query_as(APPLIED).fetch_all(pool).await?
+                } else {
+                    Vec::new()
+                };
+                (&SQLITE_MIGRATIONS, rows)
+            }
+        };
+        Ok(migrator
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+            .filter_map(|m| {
+                let problem = match applied.iter().find(|(v, _, _)| *v == m.version) {
+                    None => MigrationProblem::NotApplied,
+                    Some((_, _, false)) => MigrationProblem::Failed,
+                    Some((_, checksum, true)) if checksum.as_slice() != &*m.checksum => {
+                        MigrationProblem::Changed
+                    }
+                    Some(_) => return None,
+                };
+                Some(MissingMigration {
+                    version: m.version,
+                    description: m.description.to_string(),
+                    problem,
+                })
+            })
+            .collect())
     }
 
     /// Open and idle connections, for pool metrics.
@@ -212,6 +274,126 @@ impl BeginWrite for SqlitePool {
     type Database = sqlx::Sqlite;
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
         self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+/// A `_sqlx_migrations` row: version, checksum, success.
+type AppliedMigration = (i64, Vec<u8>, bool);
+
+/// A migration the binary needs that the database does not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingMigration {
+    /// Its number (the file's prefix).
+    pub version: i64,
+    /// Its name (the rest of the file name).
+    pub description: String,
+    /// What is wrong.
+    pub problem: MigrationProblem,
+}
+
+/// Why a [`MissingMigration`] counts as missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationProblem {
+    /// Never applied.
+    NotApplied,
+    /// Applied, but it failed part-way (sqlx recorded `success = false`).
+    Failed,
+    /// Applied from a different file than this binary embeds.
+    Changed,
+}
+
+impl std::fmt::Display for MissingMigration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:04}_{}",
+            self.version,
+            self.description.replace(' ', "_")
+        )?;
+        match self.problem {
+            MigrationProblem::NotApplied => write!(f, " (not applied)"),
+            MigrationProblem::Failed => write!(f, " (failed part-way)"),
+            MigrationProblem::Changed => write!(f, " (applied with different contents)"),
+        }
+    }
+}
+
+/// The missing migrations as one line, for logs.
+pub fn describe_missing(missing: &[MissingMigration]) -> String {
+    missing
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The certificate and key files a PostgreSQL URL names (`sslrootcert`,
+/// `sslcert`, `sslkey`) must be readable: otherwise every connection would
+/// fail later with an error that looks like an outage.
+fn check_tls_files(url: &str) -> Result<(), DbError> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(());
+    };
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !matches!(key, "sslrootcert" | "sslcert" | "sslkey") {
+            continue;
+        }
+        let path = percent_decode(value);
+        // sqlx takes inline PEM here too.
+        if path.starts_with("-----BEGIN") {
+            continue;
+        }
+        if let Err(e) = std::fs::File::open(&path) {
+            return Err(DbError::InvalidUrl(format!(
+                "{key}={path} cannot be read: {e} (in {})",
+                redact_url(url)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// When `err` is a failed TLS set-up with the database (the server's
+/// certificate is not trusted or does not name the host, the server does
+/// not offer TLS, a client certificate is refused), what went wrong;
+/// `None` for any other error (an outage, a refused login).
+pub fn tls_failure(err: &DbError) -> Option<String> {
+    let DbError::Sqlx(err) = err else {
+        return None;
+    };
+    match err {
+        sqlx::Error::Tls(e) => Some(e.to_string()),
+        // The handshake runs inside sqlx's socket, so rustls' verdict
+        // arrives wrapped in an I/O error.
+        sqlx::Error::Io(e) => e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(ToString::to_string),
+        _ => None,
     }
 }
 

@@ -29,6 +29,11 @@ impl<S: GrpcService> App<S> {
         self.server.metrics_addr()
     }
 
+    /// The bound plaintext health address, when `IGNY8_HEALTH_ADDR` is set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.server.health_addr()
+    }
+
     /// Serves until `shutdown` completes, then drains (see [`Server::serve`]).
     pub async fn run_until_stopped(
         self,

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use auth_interceptor::{DEFAULT_CACHE_TTL, KeyConfig, Secret, VerifierConfig};
 use igny8_db::{DEFAULT_DATABASE_URL, PoolConfig};
 
+use crate::tls::TlsFiles;
 /// How often an open stream re-checks the caller's access by default.
 pub const DEFAULT_STREAM_RECHECK: Duration = Duration::from_secs(30);
 
@@ -60,6 +61,14 @@ pub struct ServiceConfig {
     pub log_format: LogFormat,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub otlp_endpoint: Option<String>,
+    /// `IGNY8_TLS_CERT_FILE`, `IGNY8_TLS_KEY_FILE`, `IGNY8_TLS_CLIENT_CA_FILE`:
+    /// gRPC over TLS (and mTLS) when set; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
+    /// `IGNY8_HEALTH_ADDR`: an extra plaintext listener serving only
+    /// `grpc.health.v1.Health`, for probes that cannot speak TLS (the
+    /// kubelet's gRPC probe); `None` (unset or `off`): health is served on
+    /// the gRPC port only.
+    pub health_addr: Option<SocketAddr>,
     /// `IGNY8_STREAM_RECHECK_SECS` (default 30, at most 60): how often an open
     /// stream re-checks the caller's access.
     pub stream_recheck: Duration,
@@ -172,6 +181,16 @@ impl ServiceConfig {
             },
             log_format,
             otlp_endpoint: parse_otlp_endpoint(get("OTEL_EXPORTER_OTLP_ENDPOINT"))?,
+            tls: TlsFiles::from_vars(
+                get(crate::tls::CERT_VAR),
+                get(crate::tls::KEY_VAR),
+                get(crate::tls::CLIENT_CA_VAR),
+            )
+            .map_err(ConfigError)?,
+            health_addr: match get("IGNY8_HEALTH_ADDR").as_deref() {
+                None | Some("off") => None,
+                Some(value) => Some(parse_addr("IGNY8_HEALTH_ADDR", Some(value.to_owned()), "")?),
+            },
             stream_recheck: Duration::from_secs(parse_num(
                 "IGNY8_STREAM_RECHECK_SECS",
                 get("IGNY8_STREAM_RECHECK_SECS"),
@@ -182,10 +201,10 @@ impl ServiceConfig {
     }
 }
 
-/// The collector address for OTLP over gRPC. Only plaintext `http://` is
-/// accepted: the build carries no TLS stack (collectors are reached inside
-/// the cluster or through a local agent), and an `https://` endpoint would
-/// otherwise fail on every export instead of at start-up.
+/// The collector address for OTLP over gRPC: `http://` (plaintext) or
+/// `https://` (TLS, the collector's certificate verified against the public
+/// Mozilla roots). Anything else would fail on every export instead of at
+/// start-up.
 fn parse_otlp_endpoint(value: Option<String>) -> Result<Option<String>, ConfigError> {
     let Some(value) = value else {
         return Ok(None);
@@ -197,12 +216,9 @@ fn parse_otlp_endpoint(value: Option<String>) -> Result<Option<String>, ConfigEr
         ))
     })?;
     match (uri.scheme_str(), uri.host()) {
-        (Some("http"), Some(_)) => Ok(Some(value)),
-        (Some("https"), _) => Err(ConfigError(format!(
-            "OTEL_EXPORTER_OTLP_ENDPOINT: https is not supported by this build (no TLS); use a plaintext http:// collector or a local agent, got {value:?}"
-        ))),
+        (Some("http" | "https"), Some(_)) => Ok(Some(value)),
         _ => Err(ConfigError(format!(
-            "OTEL_EXPORTER_OTLP_ENDPOINT must be an http://host:port URL (OTLP/gRPC, usually port 4317), got {value:?}"
+            "OTEL_EXPORTER_OTLP_ENDPOINT must be an http://host:port or https://host:port URL (OTLP/gRPC, usually port 4317), got {value:?}"
         ))),
     }
 }
@@ -376,9 +392,20 @@ mod tests {
             (
                 vec![
                     ("IGNY8_JWT_SECRET", "s"),
-                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317"),
                 ],
-                "https",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                vec![("IGNY8_JWT_SECRET", "s"), ("IGNY8_TLS_CERT_FILE", "/c.pem")],
+                "IGNY8_TLS_KEY_FILE",
+            ),
+            (
+                vec![
+                    ("IGNY8_JWT_SECRET", "s"),
+                    ("IGNY8_TLS_CLIENT_CA_FILE", "/ca.pem"),
+                ],
+                "IGNY8_TLS_CLIENT_CA_FILE",
             ),
         ] {
             let err = load(&pairs).unwrap_err().to_string();

@@ -6,6 +6,7 @@
 //!   endpoint, and SIGTERM drain;
 //! - [`telemetry`]: logs (text or JSON) and OpenTelemetry trace export with
 //!   W3C trace-context propagation;
+//! - [`tls`]: gRPC server TLS and mTLS, certificates re-read on change;
 //! - [`main_helper`]: the `main` both binaries share.
 //!
 //! A service supplies its tonic service and its name; [`server::Server`]
@@ -22,6 +23,7 @@ mod rpc;
 pub mod server;
 pub mod streams;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::App;
 pub use changes::{Change, ChangeHub, Subscription};

@@ -11,6 +11,7 @@ use crate::{
 const CONFIG_HELP: &str = "\
 Configuration (environment):
   DATABASE_URL                  postgres://… or sqlite://… (default sqlite://igny8.db)
+                                (PostgreSQL TLS: ?sslmode=verify-full&sslrootcert=/path/ca.pem)
   IGNY8_LISTEN_ADDR             gRPC address (default {listen})
   IGNY8_METRICS_ADDR            Prometheus /metrics address, or `off` (default {metrics})
   IGNY8_JWT_SECRET              HS256 shared secret            } exactly one
@@ -26,7 +27,12 @@ Configuration (environment):
   IGNY8_DIRECTORY_CACHE_MS      directory cache staleness bound, ≤ 1000 (default 500)
   IGNY8_STREAM_RECHECK_SECS     Watch streams re-check access this often, 1–60 (default 30)
   IGNY8_LOG_FORMAT              text or json (default text)
-  OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC collector, http://host:4317 (unset: no trace export)
+  IGNY8_TLS_CERT_FILE           serve gRPC over TLS: certificate chain (PEM), re-read on change
+  IGNY8_TLS_KEY_FILE            its private key (PEM); set both or neither (default plaintext)
+  IGNY8_TLS_CLIENT_CA_FILE      require client certificates from these CAs (mTLS)
+  IGNY8_HEALTH_ADDR             extra plaintext port serving only gRPC health, for probes
+                                that cannot speak TLS (default off)
+  OTEL_EXPORTER_OTLP_ENDPOINT   OTLP/gRPC collector, http(s)://host:4317 (unset: no trace export)
   RUST_LOG                      log filter (default info)";
 
 /// How long exiting waits for tasks still on the runtime.

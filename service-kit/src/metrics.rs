@@ -15,6 +15,7 @@
 //! | `igny8_db_pool_idle_connections` | — | of which idle |
 //! | `igny8_db_pool_max_connections` | — | the pool's upper bound |
 //! | `igny8_serving` | — | 1 while health reports SERVING, else 0 |
+//! | `igny8_db_migrations_missing` | — | migrations this binary embeds that the database lacks (last readiness check) |
 //!
 //! Services add their own (billing: `igny8_ledger_deduct_outcomes_total`)
 //! through [`crate::Server::metrics_registry`].
@@ -150,6 +151,7 @@ pub(crate) struct Metrics {
     pub(crate) rpc: RpcMetrics,
     pool: PoolMetrics,
     pub(crate) serving: Gauge,
+    pub(crate) migrations_missing: Gauge,
 }
 
 impl Metrics {
@@ -168,11 +170,18 @@ impl Metrics {
             "1 while the health service reports SERVING (database reachable, not draining)",
             serving.clone(),
         );
+        let migrations_missing = Gauge::default();
+        registry.register(
+            "igny8_db_migrations_missing",
+            "Migrations this binary embeds that the database has not applied (readiness stays NOT_SERVING while > 0)",
+            migrations_missing.clone(),
+        );
         Self {
             registry,
             rpc,
             pool,
             serving,
+            migrations_missing,
         }
     }
 }

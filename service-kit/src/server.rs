@@ -24,6 +24,7 @@ use crate::{
     config::ServiceConfig,
     metrics::{Metrics, serve_metrics},
     rpc::{KnownMethods, RpcLayer},
+    tls::{self, ReloadingTls},
 };
 
 /// The health entry for Kubernetes liveness probes: SERVING for as long as
@@ -102,6 +103,8 @@ pub struct Server {
     auth_metrics: AuthMetrics,
     metrics: Metrics,
     health: Health,
+    tls: Option<Arc<ReloadingTls>>,
+    health_listener: Option<TcpListener>,
     draining_tx: watch::Sender<bool>,
 }
 
@@ -154,8 +157,19 @@ impl Server {
         service_name: &'static str,
     ) -> Result<Self, StartError> {
         let verifier = TokenVerifier::new(&config.jwt).map_err(StartError::Config)?;
+        let tls = match &config.tls {
+            Some(files) => Some(
+                ReloadingTls::load(files.clone())
+                    .await
+                    .map_err(StartError::Config)?,
+            ),
+            None => None,
+        };
         let db = Db::connect_lazy(&config.database_url, &config.pool)
             .map_err(|e| StartError::Config(e.to_string()))?;
+        // A database that refuses our TLS settings (wrong CA, no TLS on the
+        // server) will not fix itself: refuse to start, naming DATABASE_URL.
+        check_database_tls(&db).await?;
         // Apply migrations before the port opens when the database is already
         // up, so a client that can connect also finds the schema. A database
         // that is not there yet does not stop start-up: the server comes up
@@ -182,6 +196,14 @@ impl Server {
                 }
                 Err(source) => return Err(StartError::Bind { addr, source }),
             },
+        };
+        let health_listener = match config.health_addr {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
         };
         let auth_metrics = AuthMetrics::default();
         let metrics = Metrics::new(&auth_metrics, config.pool.max_connections);
@@ -210,6 +232,8 @@ impl Server {
             auth_metrics,
             metrics,
             health,
+            tls,
+            health_listener,
         })
     }
 
@@ -218,6 +242,14 @@ impl Server {
         self.listener
             .local_addr()
             .expect("a bound TCP listener has a local address")
+    }
+
+    /// The bound plaintext health address, when `IGNY8_HEALTH_ADDR` is set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref().map(|l| {
+            l.local_addr()
+                .expect("a bound TCP listener has a local address")
+        })
     }
 
     /// The bound metrics address, when metrics are on (useful with port 0).
@@ -279,6 +311,8 @@ impl Server {
             authenticator,
             metrics,
             health,
+            tls,
+            health_listener,
             draining_tx,
             ..
         } = self;
@@ -292,6 +326,7 @@ impl Server {
             ),
             metrics.rpc.clone(),
         );
+        let migrations_missing = metrics.migrations_missing.clone();
         let metrics_server = metrics_listener.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving Prometheus metrics at /metrics");
@@ -313,8 +348,15 @@ impl Server {
             db.clone(),
             health.clone(),
             service_name,
-            migrations_pending,
+            if config.run_migrations {
+                Schema::Apply {
+                    pending: migrations_pending,
+                }
+            } else {
+                Schema::Expect
+            },
             draining.clone(),
+            migrations_missing,
         ));
 
         let signal = {
@@ -328,8 +370,28 @@ impl Server {
                 draining_tx.send_replace(true);
             }
         };
+        // Plaintext health for probes that cannot speak TLS: the same
+        // reporter, nothing else on this port.
+        let health_server = health_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving plaintext grpc.health.v1.Health for probes");
+            }
+            let service =
+                HealthServer::new(HealthService::from_health_reporter(health.reporter.clone()));
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            )
+        });
         let addr = listener.local_addr().ok();
-        tracing::info!(service = service_name, ?addr, "serving gRPC");
+        tracing::info!(
+            service = service_name,
+            ?addr,
+            tls = tls.is_some(),
+            mtls = tls.as_ref().is_some_and(|t| t.mutual()),
+            "serving gRPC"
+        );
         // Outermost first: every call gets its span and metrics, auth
         // failures included, and auth runs inside the span.
         let serve = tonic::transport::Server::builder()
@@ -341,7 +403,10 @@ impl Server {
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            .serve_with_incoming_shutdown(
+                tls::incoming(TcpListenerStream::new(listener), tls),
+                signal,
+            );
         tokio::pin!(serve);
 
         let drain_deadline = {
@@ -370,6 +435,9 @@ impl Server {
         }
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
+        }
+        if let Some(health_server) = health_server {
+            health_server.abort();
         }
         tracing::info!(service = service_name, "stopped");
         result
@@ -461,41 +529,114 @@ async fn migrate_at_start(db: &Db) -> bool {
     }
 }
 
-/// Keeps health honest: NOT_SERVING until the database answers (and the
-/// migrations, when enabled, are applied), NOT_SERVING again while it does
-/// not, and for good once draining starts.
+/// How long start-up waits for the database to answer the TLS check.
+const STARTUP_TLS_CHECK_BOUND: Duration = Duration::from_secs(10);
+
+/// Connects once at start-up: a TLS failure (a certificate the configured
+/// CA does not vouch for, a server without TLS under `sslmode=require`) is a
+/// configuration error that no retry will fix, so start-up stops with it.
+/// An unreachable database is not: the server comes up NOT_SERVING.
+async fn check_database_tls(db: &Db) -> Result<(), StartError> {
+    match tokio::time::timeout(STARTUP_TLS_CHECK_BOUND, db.ping()).await {
+        Ok(Err(e)) => match igny8_db::tls_failure(&e) {
+            Some(reason) => Err(StartError::Config(format!(
+                "DATABASE_URL: TLS with the database failed: {reason}; check sslmode and \
+                 sslrootcert (the CA that signed the server's certificate) in DATABASE_URL"
+            ))),
+            None => Ok(()),
+        },
+        Ok(Ok(())) | Err(_) => Ok(()),
+    }
+}
+
+/// What readiness requires of the schema.
+#[derive(Debug, Clone, Copy)]
+enum Schema {
+    /// `IGNY8_RUN_MIGRATIONS=true`: this server applies them; `pending` when
+    /// start-up could not.
+    Apply {
+        /// Not applied yet.
+        pending: bool,
+    },
+    /// `IGNY8_RUN_MIGRATIONS=false`: someone else applies them (the
+    /// Kubernetes migrate Job); wait until every migration this binary
+    /// embeds is in the database.
+    Expect,
+}
+
+/// Keeps health honest: NOT_SERVING until the database answers and has the
+/// schema this binary needs (applying migrations first, when enabled),
+/// NOT_SERVING again while it does not, and for good once draining starts.
 async fn readiness(
     db: Db,
     health: Health,
     service_name: &'static str,
-    migrations_pending: bool,
+    schema: Schema,
     mut draining: watch::Receiver<bool>,
+    migrations_missing: Gauge,
 ) {
-    let mut migrated = !migrations_pending;
+    let mut migrated = matches!(schema, Schema::Apply { pending: false });
     let mut last = None;
+    let mut last_missing: Option<Vec<igny8_db::MissingMigration>> = None;
     loop {
         if *draining.borrow() {
             return;
         }
-        let status = match db.ping().await {
-            Ok(()) if migrated => ServingStatus::Serving,
-            Ok(()) => match db.migrate().await {
-                Ok(()) => {
-                    tracing::info!("database migrations applied");
-                    migrated = true;
-                    ServingStatus::Serving
-                }
+        let status = match schema {
+            Schema::Apply { .. } => match db.ping().await {
+                Ok(()) if migrated => ServingStatus::Serving,
+                Ok(()) => match db.migrate().await {
+                    Ok(()) => {
+                        tracing::info!("database migrations applied");
+                        migrated = true;
+                        migrations_missing.set(0);
+                        ServingStatus::Serving
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "database migrations failed; will retry");
+                        ServingStatus::NotServing
+                    }
+                },
                 Err(e) => {
-                    tracing::error!(error = %e, "database migrations failed; will retry");
+                    if last != Some(ServingStatus::NotServing) {
+                        tracing::error!(error = %e, "database unreachable: reporting NOT_SERVING");
+                    }
                     ServingStatus::NotServing
                 }
             },
-            Err(e) => {
-                if last != Some(ServingStatus::NotServing) {
-                    tracing::error!(error = %e, "database unreachable: reporting NOT_SERVING");
+            // The schema query doubles as the ping.
+            Schema::Expect => match db.missing_migrations().await {
+                Ok(missing) => {
+                    migrations_missing.set(i64::try_from(missing.len()).unwrap_or(i64::MAX));
+                    if last_missing.as_ref() != Some(&missing) {
+                        if missing.is_empty() {
+                            if last_missing.is_some() {
+                                tracing::info!("every migration this binary needs is applied");
+                            }
+                        } else {
+                            tracing::warn!(
+                                missing = %igny8_db::describe_missing(&missing),
+                                "the database lacks migrations this binary needs \
+                                 (IGNY8_RUN_MIGRATIONS=false): reporting NOT_SERVING until they \
+                                 are applied (`<service> migrate` or the migrate Job)"
+                            );
+                        }
+                    }
+                    let ready = missing.is_empty();
+                    last_missing = Some(missing);
+                    if ready {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    }
                 }
-                ServingStatus::NotServing
-            }
+                Err(e) => {
+                    if last != Some(ServingStatus::NotServing) {
+                        tracing::error!(error = %e, "database unreachable: reporting NOT_SERVING");
+                    }
+                    ServingStatus::NotServing
+                }
+            },
         };
         if last != Some(status) && !*draining.borrow() {
             health.set(status).await;

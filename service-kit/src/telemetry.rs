@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use opentelemetry::{KeyValue, propagation::Extractor, trace::TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing::{Level, Span, level_filters::LevelFilter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -195,9 +195,18 @@ fn tracer_provider(
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(TelemetryError::NoRuntime);
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
-        .with_endpoint(endpoint)
+        .with_endpoint(endpoint);
+    if endpoint.starts_with("https://") {
+        // The collector's certificate must chain to a public (Mozilla) root.
+        builder = builder.with_tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .with_webpki_roots()
+                .assume_http2(true),
+        );
+    }
+    let exporter = builder
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
     let resource = Resource::builder()

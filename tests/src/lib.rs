@@ -10,6 +10,8 @@
 //! let mut client = billing.client(&access_token(10, Some(1)), None).await;
 //! ```
 
+pub mod pki;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use auth_interceptor::{BearerInterceptor, VerifierConfig};
@@ -415,6 +417,8 @@ pub fn test_config(url: &str) -> ServiceConfig {
         directory_cache_ttl: auth_interceptor::DEFAULT_CACHE_TTL,
         log_format: LogFormat::Text,
         otlp_endpoint: None,
+        tls: None,
+        health_addr: None,
         stream_recheck: service_kit::config::DEFAULT_STREAM_RECHECK,
     }
 }
@@ -631,7 +635,28 @@ pub fn grpcurl() -> PathBuf {
 pub fn workspace_binary(name: &str) -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
-        let status = std::process::Command::new(env!("CARGO"))
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        // `cargo test` sets CARGO_PKG_NAME, CARGO_MANIFEST_DIR and friends for
+        // the test binary; inherited here, they differ from a top-level
+        // build's environment, and build scripts that watch them (ring's)
+        // would rebuild ring and everything above it on every switch.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+                || key == "CARGO_PRIMARY_PACKAGE"
+                || key == "CARGO_TARGET_TMPDIR"
+            {
+                cargo.env_remove(key.as_ref());
+            }
+        }
+        let status = cargo
             .args([
                 "build",
                 "--quiet",
