@@ -7,7 +7,8 @@
 #     bash fuzz/run.sh 600 token   # one target, longer
 #
 # Stable toolchain: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z flags;
-# `-s none` because AddressSanitizer needs a sanitizer-built std
+# `-s none` because AddressSanitizer needs a sanitizer-built std; `--dev`
+# (unoptimised, debug assertions on) keeps the first build short in CI
 # (docs/fuzzing.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -16,13 +17,13 @@ shift || true
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(token keys headers page_token requests)
 export RUSTC_BOOTSTRAP=1
-cargo fuzz build -s none
+cargo fuzz build --dev -s none
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
     status=0
-    cargo fuzz run -s none "$t" "corpus/$t" "seeds/$t" -- \
+    cargo fuzz run --dev -s none "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         >"$log" 2>&1 || status=$?
     execs="$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')"
