@@ -45,13 +45,17 @@ pub const EXTRA_HELP: &str = "  IGNY8_COST_TABLE_FILE         replace the built-
   IGNY8_LEDGER_SHARDS           ledger writer tasks, one connection each (default 4 PostgreSQL, 1 SQLite)
   IGNY8_LEDGER_QUEUE            requests waiting per writer before RESOURCE_EXHAUSTED (default 4096)
   IGNY8_LEDGER_ACCOUNT_SHARE    requests one account may have waiting per writer (default 1024)
-  IGNY8_SETTINGS_URL            settings-svc, http://host:port: usage Deduct/Reserve are refused
+  IGNY8_SETTINGS_URL            settings-svc, http(s)://host:port: usage Deduct/Reserve are refused
                                 while the operation's module is off (unset: module checks off)
   IGNY8_SETTINGS_TOKEN_FILE     billing's service token for settings, re-read when the file
                                 changes (unset: minted with IGNY8_JWT_SECRET, sub billing-svc)
   IGNY8_SETTINGS_CACHE_MS       module answers are re-asked after this, ≤ 1000 (default 250)
   IGNY8_SETTINGS_STALE_MS       and served this much longer while settings is down (default 250)
-  IGNY8_SETTINGS_TIMEOUT_MS     bound on one settings call (default 1000)";
+  IGNY8_SETTINGS_TIMEOUT_MS     bound on one settings call (default 1000)
+  IGNY8_SETTINGS_CA_FILE        https:// only: the CA settings' certificate chains to (PEM)
+  IGNY8_SETTINGS_CLIENT_CERT_FILE / IGNY8_SETTINGS_CLIENT_KEY_FILE
+                                https:// to an mTLS settings: billing's client certificate
+                                (default: IGNY8_TLS_CERT_FILE / IGNY8_TLS_KEY_FILE)";
 
 /// Billing-only options, beyond [`ServiceConfig`].
 #[derive(Debug, Clone, Default)]

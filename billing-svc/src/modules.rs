@@ -74,6 +74,15 @@ pub struct SettingsOptions {
     pub serve_stale_for: Duration,
     /// `IGNY8_SETTINGS_TIMEOUT_MS`: bound on one `CheckModule` call.
     pub timeout: Duration,
+    /// For an `https://` URL: `IGNY8_SETTINGS_CA_FILE`, the CA settings'
+    /// certificate chains to (PEM; required: the build trusts no public
+    /// roots for internal calls).
+    pub ca_file: Option<PathBuf>,
+    /// For an `https://` URL to a settings-svc that requires client
+    /// certificates: billing's certificate and key (PEM),
+    /// `IGNY8_SETTINGS_CLIENT_CERT_FILE` / `IGNY8_SETTINGS_CLIENT_KEY_FILE`,
+    /// defaulting to billing's own `IGNY8_TLS_CERT_FILE` / `IGNY8_TLS_KEY_FILE`.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl SettingsOptions {
@@ -85,6 +94,8 @@ impl SettingsOptions {
             refresh_after: DEFAULT_REFRESH_AFTER,
             serve_stale_for: DEFAULT_SERVE_STALE_FOR,
             timeout: DEFAULT_TIMEOUT,
+            ca_file: None,
+            client_identity: None,
         }
     }
 
@@ -98,6 +109,9 @@ impl SettingsOptions {
                 "IGNY8_SETTINGS_CACHE_MS",
                 "IGNY8_SETTINGS_STALE_MS",
                 "IGNY8_SETTINGS_TIMEOUT_MS",
+                "IGNY8_SETTINGS_CA_FILE",
+                "IGNY8_SETTINGS_CLIENT_CERT_FILE",
+                "IGNY8_SETTINGS_CLIENT_KEY_FILE",
             ] {
                 if get(name).is_some() {
                     return Err(format!(
@@ -129,6 +143,20 @@ impl SettingsOptions {
                 0..=600_000,
             )?,
             timeout: millis("IGNY8_SETTINGS_TIMEOUT_MS", DEFAULT_TIMEOUT, 10..=60_000)?,
+            ca_file: get("IGNY8_SETTINGS_CA_FILE").map(PathBuf::from),
+            client_identity: match (
+                get("IGNY8_SETTINGS_CLIENT_CERT_FILE").or_else(|| get("IGNY8_TLS_CERT_FILE")),
+                get("IGNY8_SETTINGS_CLIENT_KEY_FILE").or_else(|| get("IGNY8_TLS_KEY_FILE")),
+            ) {
+                (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+                (None, None) => None,
+                _ => {
+                    return Err(
+                        "IGNY8_SETTINGS_CLIENT_CERT_FILE and IGNY8_SETTINGS_CLIENT_KEY_FILE go together"
+                            .to_owned(),
+                    );
+                }
+            },
         };
         options.endpoint()?;
         Ok(Some(options))
@@ -136,18 +164,40 @@ impl SettingsOptions {
 
     fn endpoint(&self) -> Result<Endpoint, String> {
         let url = self.url.trim();
-        if !url.starts_with("http://") {
+        let https = url.starts_with("https://");
+        if !https && !url.starts_with("http://") {
             return Err(format!(
-                "IGNY8_SETTINGS_URL must be an http:// URL (a service mesh provides mTLS), got {url:?}"
+                "IGNY8_SETTINGS_URL must be an http:// or https:// URL, got {url:?}"
             ));
         }
-        Endpoint::from_shared(url.to_owned())
+        let endpoint = Endpoint::from_shared(url.to_owned())
             .map(|e| {
                 e.connect_timeout(self.timeout)
                     .timeout(self.timeout)
                     .tcp_nodelay(true)
             })
-            .map_err(|e| format!("IGNY8_SETTINGS_URL {url:?} is not a valid URL: {e}"))
+            .map_err(|e| format!("IGNY8_SETTINGS_URL {url:?} is not a valid URL: {e}"))?;
+        if !https {
+            return Ok(endpoint);
+        }
+        let read = |var: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("{var} {}: {e}", path.display()))
+        };
+        let ca = self.ca_file.as_ref().ok_or_else(|| {
+            "IGNY8_SETTINGS_URL is https://: set IGNY8_SETTINGS_CA_FILE to the CA settings' certificate chains to".to_owned()
+        })?;
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(read("IGNY8_SETTINGS_CA_FILE", ca)?),
+        );
+        if let Some((cert, key)) = &self.client_identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("IGNY8_SETTINGS_CLIENT_CERT_FILE", cert)?,
+                read("IGNY8_SETTINGS_CLIENT_KEY_FILE", key)?,
+            ));
+        }
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("IGNY8_SETTINGS_URL {url:?}: TLS settings refused: {e}"))
     }
 }
 

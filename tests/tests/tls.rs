@@ -570,3 +570,103 @@ async fn python_grpcio_calls_over_mtls() {
     println!("{stdout}");
     drop(server);
 }
+
+/// billing asks an mTLS settings-svc over `https://` with the CA and its own
+/// client certificate: usage charges go through while the module is on and
+/// are refused with MODULE_DISABLED once it is off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_asks_an_mtls_settings_over_https() {
+    use billing_svc::{BillingOptions, modules::SettingsOptions};
+    use igny8_proto::settings::v1::{
+        ModuleSettings, UpdateModuleSettingsRequest, settings_service_client::SettingsServiceClient,
+    };
+    let db = seeded(Backend::Sqlite).await;
+    let ca = Ca::new("igny8 test CA");
+    let files = Files::new(&ca.server(), Some(&ca));
+    let app = settings_svc::build(tls_config(&db, files.tls(true)))
+        .await
+        .expect("settings builds");
+    let settings = app.local_addr();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let client = Client::trusting(&ca).with_identity(ca.client("admin-tool"));
+    client.wait_serving(settings).await;
+
+    let billing_id = ca.client("billing-svc");
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = SettingsOptions::new(format!("https://localhost:{}", settings.port()));
+    options.ca_file = Some(write_pem(dir.path(), "ca.pem", &ca.pem()));
+    options.client_identity = Some((
+        write_pem(dir.path(), "billing.crt", &billing_id.cert_pem),
+        write_pem(dir.path(), "billing.key", &billing_id.key_pem),
+    ));
+    let billing = spawn_billing_with_options(
+        test_config(&db.url),
+        BillingOptions {
+            settings: Some(options.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = access_token(10, None);
+    let mut c = billing.billing(&token, None).await;
+    c.deduct(deduct_usage("content", 100, "tls-1"))
+        .await
+        .expect("a usage deduct asks settings over mTLS");
+
+    let mut s = SettingsServiceClient::with_interceptor(
+        client.channel(settings).await.unwrap(),
+        BearerInterceptor::new(token.clone()).unwrap(),
+    );
+    s.update_module_settings(UpdateModuleSettingsRequest {
+        settings: Some(ModuleSettings {
+            writer_enabled: false,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["writer_enabled".into()],
+        }),
+    })
+    .await
+    .unwrap();
+    let attempt = std::sync::atomic::AtomicUsize::new(0);
+    eventually(Duration::from_secs(5), "MODULE_DISABLED over mTLS", || {
+        let mut c = c.clone();
+        // A fresh key each time: a retried key that was charged replays.
+        let key = format!(
+            "tls-2-{}",
+            attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        async move {
+            match c.deduct(deduct_usage("content", 100, &key)).await {
+                Err(e) => {
+                    e.code() == tonic::Code::FailedPrecondition && e.message().contains("writer")
+                }
+                Ok(_) => false,
+            }
+        }
+    })
+    .await;
+
+    // Without billing's client certificate, settings refuses the
+    // connection: billing fails closed.
+    let mut no_identity = options;
+    no_identity.client_identity = None;
+    no_identity.serve_stale_for = Duration::ZERO;
+    let lonely = spawn_billing_with_options(
+        test_config(&db.url),
+        BillingOptions {
+            settings: Some(no_identity),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = lonely.billing(&token, None).await;
+    let err = c
+        .deduct(deduct_usage("clustering", 1, "tls-3"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+}
