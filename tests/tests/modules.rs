@@ -656,9 +656,23 @@ async fn the_binary_warns_without_settings_and_refuses_a_bad_url() {
     assert!(!output.status.success());
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(
-        err.contains("IGNY8_SETTINGS_URL must be an http:// URL"),
+        err.contains("IGNY8_SETTINGS_URL must be an http:// or https:// URL"),
         "{err}"
     );
+
+    // https:// needs the CA settings' certificate chains to.
+    let output = std::process::Command::new(workspace_binary("billing-svc"))
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .env("IGNY8_JWT_SECRET", SECRET)
+        .env("IGNY8_LISTEN_ADDR", "127.0.0.1:0")
+        .env("IGNY8_METRICS_ADDR", "off")
+        .env("IGNY8_SETTINGS_URL", "https://settings:50052")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("IGNY8_SETTINGS_CA_FILE"), "{err}");
 }
 
 /// `ModuleGate::invalidate` (the hook for settings change notifications)
