@@ -34,7 +34,7 @@ impl From<DirectoryError> for AuthError {
 /// the act-as header and the method's rule, with the [`Resolver`] that
 /// decided it the first time. The auth layer attaches one to every request
 /// (next to the [`AuthContext`]); long-lived calls (streams) run it
-/// periodically, so the one rule of SPEC §2.2 decides again, against the
+/// periodically, so the one rule of docs/api.md ("How the account is chosen") decides again, against the
 /// directory as it is now.
 #[derive(Clone)]
 pub struct Recheck {

@@ -95,7 +95,7 @@ pub enum BillingError {
         /// Credits to add.
         credits: i64,
     },
-    /// The operation's module is switched off for the account (SPEC §3.5);
+    /// The operation's module is switched off for the account (docs/api.md "Module-aware charging");
     /// nothing changed.
     #[error(
         "module {module} is disabled for this account, so {operation} cannot be charged; \

@@ -429,7 +429,7 @@ pub async fn run(options: DevOptions) -> Result<(), CtlError> {
         &audience,
     )?;
 
-    // Settings first: billing checks modules with it (SPEC §3.5), with a
+    // Settings first: billing checks modules with it (docs/api.md "Module-aware charging"), with a
     // service token it mints from the same development secret.
     let settings = settings_svc::build(settings_config)
         .await

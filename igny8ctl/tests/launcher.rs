@@ -255,7 +255,7 @@ fn dev_explains_a_busy_port() {
     drop(taken);
 }
 
-/// `dev` wires billing to its settings (SPEC §3.5): switching the writer
+/// `dev` wires billing to its settings (docs/api.md "Module-aware charging"): switching the writer
 /// module off with the printed token makes a new usage Deduct fail with
 /// MODULE_DISABLED, while the printed Deduct itself (a recorded key) still
 /// replays.

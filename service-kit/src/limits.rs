@@ -1,5 +1,5 @@
 //! Transport limits and fair sharing: what keeps one client or one tenant
-//! from taking a server down (issue 16).
+//! from taking a server down.
 //!
 //! - [`Limits`]: every bound, with its default and environment variable
 //!   (the README configuration table and `docs/decisions.md` explain them).

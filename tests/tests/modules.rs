@@ -1,4 +1,4 @@
-//! Module-aware charging (SPEC §3.5) end to end: real billing and settings
+//! Module-aware charging (docs/api.md "Module-aware charging") end to end: real billing and settings
 //! servers, billing asking settings over gRPC with its own service token.
 
 use std::{path::Path, time::Duration};

@@ -1,4 +1,4 @@
-//! The Python client package (`clients/python`, issue 12) tested with pytest
+//! The Python client package (`clients/python`) tested with pytest
 //! against the real `billing-svc` and `settings-svc` binaries on a fresh
 //! PostgreSQL database. The pytest fixtures start (and, for the restart
 //! test, SIGKILL and restart) the binaries themselves; this test builds them
@@ -121,7 +121,7 @@ fn pytest(args: &[&str], min_passed: usize) -> String {
 /// Every method and exception, the retry across a SIGKILL restart, compat,
 /// asyncio, the streams, the committed stubs and `mypy --strict`. The
 /// module-check test skips, saying why, while billing-svc lacks
-/// `IGNY8_SETTINGS_URL` (issue 11's module-aware charging); the minimum
+/// `IGNY8_SETTINGS_URL` (module-aware charging); the minimum
 /// count keeps the stream tests from skipping unnoticed.
 #[test]
 fn python_client_against_the_real_binaries() {

@@ -1,4 +1,4 @@
-//! WatchBalance and WatchModuleSettings end to end (SPEC §3.5): the current
+//! WatchBalance and WatchModuleSettings end to end (docs/api.md "Live changes"): the current
 //! state first, then every change — from the same process, and on
 //! PostgreSQL from another replica — the low-balance alert, slow readers,
 //! access re-checks, drain, the CheckModule cache across replicas, and
@@ -249,7 +249,7 @@ async fn settings_stream_first_then_every_change(b: Backend) {
     let fourth = settings_of(next(&mut s).await);
     assert!(fourth.writer_enabled && !fourth.planner_enabled);
 
-    // Every role of SPEC §2.3 may watch; a service needs act-as.
+    // Every role of docs/api.md "Roles" may watch; a service needs act-as.
     let mut svc = server.settings(&service_token("worker"), None).await;
     let refused = svc
         .watch_module_settings(WatchModuleSettingsRequest {})

@@ -1,4 +1,4 @@
-"""watch() / watch_balance() and module-aware charging (SPEC §3.5).
+"""watch() / watch_balance() and module-aware charging (docs/api.md "Module-aware charging and live changes").
 
 These need the live-pair issue (11) in the servers. The streams are in (the
 stream tests skip, saying so, only against a build whose servers answer
@@ -49,7 +49,7 @@ class Pump:
         except queue.Empty:
             raise AssertionError(f"no stream message within {WAIT} s") from None
         if isinstance(item, Igny8Error) and item.code == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip(f"the server answers {item.message!r} (UNIMPLEMENTED): the streams of issue 11 are not in this build")
+            pytest.skip(f"the server answers {item.message!r} (UNIMPLEMENTED): the streams are not in this build")
         if isinstance(item, Exception):
             raise item
         return item
@@ -133,7 +133,7 @@ def test_async_watch_streams(billing_addr: str, settings_addr: str, accounts: Ac
                 bal = await asyncio.wait_for(balance_stream.__anext__(), WAIT)
             except Igny8Error as e:
                 if e.code == grpc.StatusCode.UNIMPLEMENTED:
-                    pytest.skip(f"{e.message!r} (UNIMPLEMENTED): the streams of issue 11 are not in this build")
+                    pytest.skip(f"{e.message!r} (UNIMPLEMENTED): the streams are not in this build")
                 raise
             assert first.writer_enabled and bal.balance == 20
             await settings.update(writer=False)

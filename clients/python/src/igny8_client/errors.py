@@ -2,7 +2,7 @@
 
 Every failed call raises a subclass of :class:`Igny8Error`. The most specific
 class is chosen from the gRPC status code and the ``google.rpc.ErrorInfo``
-reason the services attach (SPEC §2.2, §3):
+reason the services attach (docs/api.md, "Errors"):
 
 =====================================  ==========================================
 exception                              when
