@@ -201,7 +201,7 @@ def settings_server(database: Psql) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def billing_server(database: Psql, settings_server: Server) -> Iterator[Server]:
     # With IGNY8_SETTINGS_URL billing checks modules through settings-svc
-    # (SPEC §3.5); a billing without module checks ignores it.
+    # (docs/api.md, "Module-aware charging"); a billing without module checks ignores it.
     server = Server(
         _required_env("IGNY8_BILLING_BIN"),
         "igny8.billing.v1.BillingService",

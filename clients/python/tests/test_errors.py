@@ -66,7 +66,7 @@ def test_permission_denied_carries_the_reason(billing_addr: str, accounts: Accou
             service.balance()
         assert bad.value.reason == "ACT_AS_REQUIRED"
     account.suspend()
-    time.sleep(1.1)  # the directory cache's bound (SPEC §2.2 rule 7)
+    time.sleep(1.1)  # the directory cache's bound (docs/api.md, directory changes within 1 s)
     with Igny8Credits(billing_addr, token=account.token("owner")) as owner:
         assert owner.balance().balance == 10, "a suspended account may still read"
         with pytest.raises(PermissionDenied) as err:

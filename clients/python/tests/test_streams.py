@@ -150,7 +150,7 @@ def test_deduct_and_reserve_raise_module_disabled(
     billing_server: Server, billing_addr: str, settings_addr: str, accounts: Accounts
 ) -> None:
     if not module_checks_available(billing_server.binary):
-        pytest.skip("billing-svc has no IGNY8_SETTINGS_URL: module-aware charging (issue 11) is not in this build")
+        pytest.skip("billing-svc has no IGNY8_SETTINGS_URL: module-aware charging is not in this build")
     account = accounts.new(credits=100)
     with Igny8Settings(settings_addr, token=service_token(), act_as=account.id) as settings:
         settings.update(writer=False)
