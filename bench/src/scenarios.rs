@@ -313,7 +313,7 @@ pub async fn seed_modules(db: &TestDb, callers: usize) {
 
 /// `deduct-module`: `deduct-hot` priced by usage — `content_generation`
 /// of 100 words, 1 credit — on a billing server that asks settings-svc
-/// whether the writer module is on before charging (SPEC §3.5). Compared
+/// whether the writer module is on before charging (docs/api.md "Module-aware charging"). Compared
 /// with `deduct-hot` (raw credits, no module check), it shows what module
 /// checks cost.
 pub struct ModuleDeductCaller(DeductCaller);

@@ -1,4 +1,4 @@
-//! Module-aware charging (SPEC §3.5): a `Deduct` or `Reserve` priced by
+//! Module-aware charging (docs/api.md "Module-aware charging"): a `Deduct` or `Reserve` priced by
 //! usage is refused when the operation's module is switched off for the
 //! account.
 //!

@@ -185,7 +185,7 @@ impl Billing {
         self
     }
 
-    /// SPEC §3.5: a usage charge (not raw credits) of a disabled module is
+    /// docs/api.md "Module-aware charging": a usage charge (not raw credits) of a disabled module is
     /// refused. Called after every other validation, before any write. A
     /// retry of a request already recorded under `key` goes on to the
     /// writer, which replays it: a module switched off later does not turn
