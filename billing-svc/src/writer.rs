@@ -1005,6 +1005,16 @@ impl Sql {
         self
     }
 
+    /// `CASE <key> WHEN $k THEN $v … END` over `(key value, new value)` pairs:
+    /// one column of a multi-row `UPDATE`.
+    fn case(&mut self, key: &str, pairs: impl IntoIterator<Item = (Arg, Arg)>) -> &mut Self {
+        self.push("CASE ").push(key);
+        for (k, v) in pairs {
+            self.push(" WHEN ").arg(k).push(" THEN ").arg(v);
+        }
+        self.push(" END")
+    }
+
     /// `$a, $b, …` for each value.
     fn list(&mut self, args: impl IntoIterator<Item = Arg>) -> &mut Self {
         for (i, arg) in args.into_iter().enumerate() {
@@ -1264,35 +1274,39 @@ fn update_holds(plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
     if changed.is_empty() {
         return None;
     }
-    let mut sql = Sql::new("UPDATE credit_holds SET state = CASE id");
-    for (h, _) in &changed {
-        sql.push(" WHEN ")
-            .arg(Arg::Text(h.id.clone()))
-            .push(" THEN ")
-            .arg(Arg::Text(h.state.clone()));
-    }
-    sql.push(" END, captured_credits = CASE id");
-    for (h, _) in &changed {
-        sql.push(" WHEN ")
-            .arg(Arg::Text(h.id.clone()))
-            .push(" THEN ")
-            .arg(Arg::I64(h.captured_credits));
-    }
-    sql.push(" END, transaction_id = CASE id");
-    for (h, row) in &changed {
-        sql.push(" WHEN ")
-            .arg(Arg::Text(h.id.clone()))
-            .push(" THEN ")
-            .arg(Arg::OptI64(row.map(|r| row_ids[r]).or(h.transaction_id)));
-    }
-    sql.push(" END, closed_at = CASE id");
-    for (h, _) in &changed {
-        sql.push(" WHEN ")
-            .arg(Arg::Text(h.id.clone()))
-            .push(" THEN ")
-            .arg(Arg::OptTime(h.closed_at));
-    }
-    sql.push(" END WHERE id IN (")
+    let id = |h: &HoldRow| Arg::Text(h.id.clone());
+    let mut sql = Sql::new("UPDATE credit_holds SET state = ");
+    sql.case(
+        "id",
+        changed
+            .iter()
+            .map(|(h, _)| (id(h), Arg::Text(h.state.clone()))),
+    )
+    .push(", captured_credits = ")
+    .case(
+        "id",
+        changed
+            .iter()
+            .map(|(h, _)| (id(h), Arg::I64(h.captured_credits))),
+    )
+    .push(", transaction_id = ")
+    .case(
+        "id",
+        changed.iter().map(|(h, row)| {
+            (
+                id(h),
+                Arg::OptI64(row.map(|r| row_ids[r]).or(h.transaction_id)),
+            )
+        }),
+    )
+    .push(", closed_at = ")
+    .case(
+        "id",
+        changed
+            .iter()
+            .map(|(h, _)| (id(h), Arg::OptTime(h.closed_at))),
+    );
+    sql.push(" WHERE id IN (")
         .list(changed.iter().map(|(h, _)| Arg::Text(h.id.clone())))
         .push(")");
     Some(sql)
@@ -1308,28 +1322,29 @@ fn update_accounts(backend: Backend, plan: &Plan, now: DateTime<Utc>) -> Option<
     }
     let notify = backend == Backend::Postgres;
     let mut sql = Sql::new(if notify {
-        "WITH moved AS (UPDATE accounts SET credits = CASE id"
+        "WITH moved AS (UPDATE accounts SET credits = "
     } else {
-        "UPDATE accounts SET credits = CASE id"
+        "UPDATE accounts SET credits = "
     });
-    for (id, (credits, _)) in &plan.accounts {
-        sql.push(" WHEN ")
-            .arg(Arg::I64(*id))
-            .push(" THEN ")
-            .arg(Arg::I64(*credits));
-    }
-    sql.push(" END, held = CASE id");
-    for (id, (_, held)) in &plan.accounts {
-        sql.push(" WHEN ")
-            .arg(Arg::I64(*id))
-            .push(" THEN ")
-            .arg(Arg::I64(*held));
-    }
-    sql.push(" END, updated_at = ")
-        .arg(Arg::Time(now))
-        .push(" WHERE id IN (")
-        .list(plan.accounts.keys().map(|id| Arg::I64(*id)))
-        .push(")");
+    let accounts = &plan.accounts;
+    sql.case(
+        "id",
+        accounts
+            .iter()
+            .map(|(id, (c, _))| (Arg::I64(*id), Arg::I64(*c))),
+    )
+    .push(", held = ")
+    .case(
+        "id",
+        accounts
+            .iter()
+            .map(|(id, (_, h))| (Arg::I64(*id), Arg::I64(*h))),
+    )
+    .push(", updated_at = ")
+    .arg(Arg::Time(now))
+    .push(" WHERE id IN (")
+    .list(plan.accounts.keys().map(|id| Arg::I64(*id)))
+    .push(")");
     if notify {
         sql.push(" RETURNING id) SELECT pg_notify('")
             .push(crate::BALANCE_CHANNEL)
