@@ -967,6 +967,14 @@ fn update_hold(plan: &mut Plan, loaded: &mut Loaded, hold: HoldRow, row: Option<
 
 // ---------------------------------------------------------------------------
 // The batch transaction.
+//
+// Every statement is built for the backend it runs on. On PostgreSQL its
+// values travel as one array per column (`= ANY($1)`, `unnest($1, $2, …)`),
+// so the statement text is the same for every batch: it is prepared once
+// per connection, and every lookup is a join against the batch's keys that
+// the planner can only answer through the unique index it names. On SQLite,
+// where preparing is an in-process call, it carries one placeholder per
+// value.
 
 /// Dynamic SQL with numbered placeholders (`$1`, `$2`, …) that both
 /// backends accept, and the values to bind in order.
@@ -984,6 +992,43 @@ enum Arg {
     OptI64(Option<i64>),
     Time(DateTime<Utc>),
     OptTime(Option<DateTime<Utc>>),
+    /// One column of a batch (PostgreSQL only), built by [`Sql::array`].
+    I64s(Vec<Option<i64>>),
+    /// Same, text.
+    Texts(Vec<Option<String>>),
+    /// Same, timestamps.
+    Times(Vec<Option<DateTime<Utc>>>),
+}
+
+impl Arg {
+    /// Starts the array column that holds values like `self`, with the
+    /// PostgreSQL type to cast it to.
+    fn column(&self, len: usize) -> (Arg, &'static str) {
+        match self {
+            Arg::I64(_) | Arg::OptI64(_) | Arg::I64s(_) => {
+                (Arg::I64s(Vec::with_capacity(len)), "bigint[]")
+            }
+            Arg::Text(_) | Arg::OptText(_) | Arg::Texts(_) => {
+                (Arg::Texts(Vec::with_capacity(len)), "text[]")
+            }
+            Arg::Time(_) | Arg::OptTime(_) | Arg::Times(_) => {
+                (Arg::Times(Vec::with_capacity(len)), "timestamptz[]")
+            }
+        }
+    }
+
+    /// Appends the scalar `value` to this array column.
+    fn push_into(&mut self, value: Arg) {
+        match (self, value) {
+            (Arg::I64s(c), Arg::I64(v)) => c.push(Some(v)),
+            (Arg::I64s(c), Arg::OptI64(v)) => c.push(v),
+            (Arg::Texts(c), Arg::Text(v)) => c.push(Some(v)),
+            (Arg::Texts(c), Arg::OptText(v)) => c.push(v),
+            (Arg::Times(c), Arg::Time(v)) => c.push(Some(v)),
+            (Arg::Times(c), Arg::OptTime(v)) => c.push(v),
+            (column, value) => unreachable!("{value:?} does not fit the column {column:?}"),
+        }
+    }
 }
 
 impl Sql {
@@ -1006,7 +1051,7 @@ impl Sql {
     }
 
     /// `CASE <key> WHEN $k THEN $v … END` over `(key value, new value)` pairs:
-    /// one column of a multi-row `UPDATE`.
+    /// one column of a multi-row `UPDATE` (SQLite).
     fn case(&mut self, key: &str, pairs: impl IntoIterator<Item = (Arg, Arg)>) -> &mut Self {
         self.push("CASE ").push(key);
         for (k, v) in pairs {
@@ -1025,24 +1070,131 @@ impl Sql {
         }
         self
     }
+
+    /// ` = ANY($k::type[])` on PostgreSQL, ` IN ($a, $b, …)` on SQLite: the
+    /// condition that a column is one of `values` (at least one).
+    fn is_in(&mut self, backend: Backend, values: Vec<Arg>) -> &mut Self {
+        match backend {
+            Backend::Postgres => self.push(" = ANY(").array(values).push(")"),
+            Backend::Sqlite => self.push(" IN (").list(values).push(")"),
+        }
+    }
+
+    /// `$k::type[]`: the scalars `values` (at least one, all of one kind) as
+    /// one PostgreSQL array.
+    fn array(&mut self, values: Vec<Arg>) -> &mut Self {
+        let (mut column, cast) = values
+            .first()
+            .expect("an array of at least one value")
+            .column(values.len());
+        for value in values {
+            column.push_into(value);
+        }
+        self.arg(column).push("::").push(cast)
+    }
+
+    /// `unnest($1::t1[], $2::t2[], …)`: `rows` (at least one, each with the
+    /// same kinds of value in the same order) as one PostgreSQL array per
+    /// column, read back as rows.
+    fn unnest<const N: usize>(&mut self, rows: Vec<[Arg; N]>) -> &mut Self {
+        let mut columns: Vec<Vec<Arg>> = (0..N).map(|_| Vec::with_capacity(rows.len())).collect();
+        for row in rows {
+            for (column, value) in columns.iter_mut().zip(row) {
+                column.push(value);
+            }
+        }
+        self.push("unnest(");
+        for (i, column) in columns.into_iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.array(column);
+        }
+        self.push(")")
+    }
+
+    /// `(…), (…)`: `rows` as a SQLite `VALUES` list.
+    fn values<const N: usize>(&mut self, rows: Vec<[Arg; N]>) -> &mut Self {
+        for (i, row) in rows.into_iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.push("(").list(row).push(")");
+        }
+        self
+    }
 }
 
-/// Binds every argument of a [`Sql`] to a query of either backend.
-macro_rules! bind_all {
-    ($query:expr, $args:expr) => {{
-        let mut q = $query;
-        for arg in $args {
-            q = match arg {
-                Arg::I64(v) => q.bind(v),
-                Arg::Text(v) => q.bind(v),
-                Arg::OptText(v) => q.bind(v),
-                Arg::OptI64(v) => q.bind(v),
-                Arg::Time(v) => q.bind(v),
-                Arg::OptTime(v) => q.bind(v),
-            };
+/// The database side of [`Sql`]: its values as one backend's arguments.
+trait BatchDb: sqlx::Database {
+    fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError>;
+}
+
+impl BatchDb for sqlx::Postgres {
+    fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError> {
+        use sqlx::Arguments as _;
+        let mut out = Self::Arguments::default();
+        for arg in args {
+            match arg {
+                Arg::I64(v) => out.add(v),
+                Arg::Text(v) => out.add(v),
+                Arg::OptText(v) => out.add(v),
+                Arg::OptI64(v) => out.add(v),
+                Arg::Time(v) => out.add(v),
+                Arg::OptTime(v) => out.add(v),
+                Arg::I64s(v) => out.add(v),
+                Arg::Texts(v) => out.add(v),
+                Arg::Times(v) => out.add(v),
+            }?;
         }
-        q
-    }};
+        Ok(out)
+    }
+}
+
+impl BatchDb for sqlx::Sqlite {
+    fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError> {
+        use sqlx::Arguments as _;
+        let mut out = Self::Arguments::default();
+        for arg in args {
+            match arg {
+                Arg::I64(v) => out.add(v),
+                Arg::Text(v) => out.add(v),
+                Arg::OptText(v) => out.add(v),
+                Arg::OptI64(v) => out.add(v),
+                Arg::Time(v) => out.add(v),
+                Arg::OptTime(v) => out.add(v),
+                Arg::I64s(_) | Arg::Texts(_) | Arg::Times(_) => {
+                    Err("array arguments are built only for PostgreSQL".into())
+                }
+            }?;
+        }
+        Ok(out)
+    }
+}
+
+/// `sql` as a query on `pool`'s backend (the pool only names the backend).
+fn query<'q, DB: BatchDb>(
+    _pool: &sqlx::Pool<DB>,
+    sql: Sql,
+) -> Result<sqlx::query::Query<'q, DB, DB::Arguments>, sqlx::Error>
+where
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    let args = DB::arguments(sql.args).map_err(sqlx::Error::Encode)?;
+    Ok(sqlx::query_with(sqlx::AssertSqlSafe(sql.text), args))
+}
+
+/// `sql` as a query mapping rows to `O`.
+fn query_as<'q, DB: BatchDb, O>(
+    _pool: &sqlx::Pool<DB>,
+    sql: Sql,
+) -> Result<sqlx::query::QueryAs<'q, DB, O, DB::Arguments>, sqlx::Error>
+where
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    O: for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let args = DB::arguments(sql.args).map_err(sqlx::Error::Encode)?;
+    Ok(sqlx::query_as_with(sqlx::AssertSqlSafe(sql.text), args))
 }
 
 /// The SQL of one batch's reads, built from what it needs.
@@ -1053,88 +1205,133 @@ struct Reads {
     holds_by_id: Option<Sql>,
 }
 
+fn i64s(values: impl IntoIterator<Item = i64>) -> Vec<Arg> {
+    values.into_iter().map(Arg::I64).collect()
+}
+
 /// Locks the batch's accounts in id order (on SQLite `BEGIN IMMEDIATE`
 /// already holds the one write lock).
 fn lock_accounts(backend: Backend, requests: &[(i64, &Op)]) -> Sql {
     let accounts: BTreeSet<i64> = requests.iter().map(|(a, _)| *a).collect();
-    let mut lock = Sql::new("SELECT id, credits, held FROM accounts WHERE id IN (");
-    lock.list(accounts.iter().map(|a| Arg::I64(*a)))
-        .push(") ORDER BY id");
+    let mut lock = Sql::new("SELECT id, credits, held FROM accounts WHERE id");
+    lock.is_in(backend, i64s(accounts)).push(" ORDER BY id");
     if backend == Backend::Postgres {
         lock.push(" FOR UPDATE");
     }
     lock
 }
 
-fn reads(requests: &[(i64, &Op)], now: DateTime<Utc>) -> Reads {
+/// Existing rows of `table` (with `columns`) matching any of `keys` on
+/// `key_columns`, each key answered through the unique index on them.
+fn by_keys<const N: usize>(
+    backend: Backend,
+    table: &str,
+    columns: &str,
+    key_columns: [&str; N],
+    keys: Vec<[Arg; N]>,
+) -> Sql {
+    let mut sql = Sql::new("SELECT ");
+    match backend {
+        // One index probe per key: the planner has no choice to get wrong
+        // (an OR of many keys of one hot account may otherwise be planned
+        // as a scan of every row of the account).
+        Backend::Postgres => {
+            let names: Vec<String> = (0..N).map(|i| format!("k{i}")).collect();
+            sql.push("t.* FROM ")
+                .unnest(keys)
+                .push(" AS k(")
+                .push(&names.join(", "))
+                .push(") CROSS JOIN LATERAL (SELECT ")
+                .push(columns)
+                .push(" FROM ")
+                .push(table)
+                .push(" WHERE ");
+            for (i, (column, name)) in key_columns.iter().zip(&names).enumerate() {
+                if i > 0 {
+                    sql.push(" AND ");
+                }
+                sql.push(column).push(" = k.").push(name);
+            }
+            sql.push(") AS t");
+        }
+        Backend::Sqlite => {
+            sql.push(columns).push(" FROM ").push(table).push(" WHERE ");
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    sql.push(" OR ");
+                }
+                sql.push("(");
+                for (j, (column, value)) in key_columns.iter().zip(key).enumerate() {
+                    if j > 0 {
+                        sql.push(" AND ");
+                    }
+                    sql.push(column).push(" = ").arg(value);
+                }
+                sql.push(")");
+            }
+        }
+    }
+    sql
+}
+
+fn reads(backend: Backend, requests: &[(i64, &Op)], now: DateTime<Utc>) -> Reads {
     let accounts: BTreeSet<i64> = requests.iter().map(|(a, _)| *a).collect();
     let mut sweep = Sql::new("UPDATE credit_holds SET state = 'expired', closed_at = ");
     sweep
         .arg(Arg::Time(now))
         .push(" WHERE state = 'active' AND expires_at_us <= ")
         .arg(Arg::I64(micros(now)))
-        .push(" AND account_id IN (")
-        .list(accounts.iter().map(|a| Arg::I64(*a)))
-        .push(") RETURNING account_id, credits");
+        .push(" AND account_id")
+        .is_in(backend, i64s(accounts))
+        .push(" RETURNING account_id, credits");
 
     let mut row_keys = Vec::new();
     let mut hold_keys = Vec::new();
     let mut hold_ids = BTreeSet::new();
     for (account, op) in requests {
+        let account = Arg::I64(*account);
         match op {
-            Op::Change(e) => row_keys.push((*account, e.kind.as_str(), e.idempotency_key.clone())),
-            Op::Refund(r) => row_keys.push((*account, "refund", r.idempotency_key.clone())),
-            Op::Reserve(h) => hold_keys.push((*account, h.idempotency_key.clone())),
+            Op::Change(e) => row_keys.push([
+                account,
+                Arg::Text(e.kind.as_str().to_owned()),
+                Arg::Text(e.idempotency_key.clone()),
+            ]),
+            Op::Refund(r) => row_keys.push([
+                account,
+                Arg::Text(Kind::Refund.as_str().to_owned()),
+                Arg::Text(r.idempotency_key.clone()),
+            ]),
+            Op::Reserve(h) => hold_keys.push([account, Arg::Text(h.idempotency_key.clone())]),
             Op::Capture { hold_id, .. } | Op::Release { hold_id } => {
                 hold_ids.insert(hold_id.clone());
             }
         }
     }
     let rows_by_key = (!row_keys.is_empty()).then(|| {
-        let mut sql = Sql::new(concat!(
-            "SELECT ",
+        by_keys(
+            backend,
+            "credit_ledger",
             ledger_columns!(),
-            " FROM credit_ledger WHERE "
-        ));
-        for (i, (account, kind, key)) in row_keys.into_iter().enumerate() {
-            if i > 0 {
-                sql.push(" OR ");
-            }
-            sql.push("(account_id = ")
-                .arg(Arg::I64(account))
-                .push(" AND kind = ")
-                .arg(Arg::Text(kind.to_owned()))
-                .push(" AND idempotency_key = ")
-                .arg(Arg::Text(key))
-                .push(")");
-        }
-        sql
+            ["account_id", "kind", "idempotency_key"],
+            row_keys,
+        )
     });
     let holds_by_key = (!hold_keys.is_empty()).then(|| {
-        let mut sql = Sql::new(concat!(
-            "SELECT ",
+        by_keys(
+            backend,
+            "credit_holds",
             hold_columns!(),
-            " FROM credit_holds WHERE "
-        ));
-        for (i, (account, key)) in hold_keys.into_iter().enumerate() {
-            if i > 0 {
-                sql.push(" OR ");
-            }
-            sql.push("(account_id = ")
-                .arg(Arg::I64(account))
-                .push(" AND idempotency_key = ")
-                .arg(Arg::Text(key))
-                .push(")");
-        }
-        sql
+            ["account_id", "idempotency_key"],
+            hold_keys,
+        )
     });
     let holds_by_id = (!hold_ids.is_empty()).then(|| {
         let mut sql = Sql::new(concat!(
             "SELECT ",
             hold_columns!(),
-            " FROM credit_holds WHERE id IN ("
+            " FROM credit_holds WHERE id"
         ));
-        sql.list(hold_ids.into_iter().map(Arg::Text)).push(")");
+        sql.is_in(backend, hold_ids.into_iter().map(Arg::Text).collect());
         sql
     });
     Reads {
@@ -1179,21 +1376,32 @@ fn refunds_needed(requests: &[(i64, &Op)]) -> BTreeSet<i64> {
         .collect()
 }
 
-fn insert_rows(plan: &Plan) -> Option<Sql> {
+/// `INSERT INTO <table> (<columns>) ` followed by `rows`: an `unnest` of
+/// column arrays on PostgreSQL, a `VALUES` list on SQLite.
+fn insert<const N: usize>(
+    backend: Backend,
+    table: &str,
+    columns: &str,
+    rows: Vec<[Arg; N]>,
+) -> Sql {
+    let mut sql = Sql::new("INSERT INTO ");
+    sql.push(table).push(" (").push(columns).push(") ");
+    match backend {
+        Backend::Postgres => sql.push("SELECT * FROM ").unnest(rows),
+        Backend::Sqlite => sql.push("VALUES ").values(rows),
+    };
+    sql
+}
+
+fn insert_rows(backend: Backend, plan: &Plan) -> Option<Sql> {
     if plan.new_rows.is_empty() {
         return None;
     }
-    let mut sql = Sql::new(
-        "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, operation, \
-         quantity, description, metadata, idempotency_key, request_hash, actor, created_at, \
-         hold_id, refund_of) VALUES ",
-    );
-    for (i, NewRow { row }) in plan.new_rows.iter().enumerate() {
-        if i > 0 {
-            sql.push(", ");
-        }
-        sql.push("(")
-            .list([
+    let rows = plan
+        .new_rows
+        .iter()
+        .map(|NewRow { row }| {
+            [
                 Arg::I64(row.account_id),
                 Arg::Text(row.kind.clone()),
                 Arg::I64(row.credits),
@@ -1208,9 +1416,16 @@ fn insert_rows(plan: &Plan) -> Option<Sql> {
                 Arg::Time(row.created_at),
                 Arg::OptText(row.hold_id.clone()),
                 Arg::OptI64(row.refund_of),
-            ])
-            .push(")");
-    }
+            ]
+        })
+        .collect();
+    let mut sql = insert(
+        backend,
+        "credit_ledger",
+        "account_id, kind, credits, balance_after, operation, quantity, description, metadata, \
+         idempotency_key, request_hash, actor, created_at, hold_id, refund_of",
+        rows,
+    );
     sql.push(concat!(" RETURNING ", ledger_columns!()));
     Some(sql)
 }
@@ -1238,23 +1453,16 @@ fn hold_args(h: &HoldRow, transaction_id: Option<i64>) -> [Arg; 16] {
 
 /// New holds are inserted after the ledger rows, in their final state (a
 /// hold placed and captured in one batch carries its CAPTURE row id).
-fn insert_holds(plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
+fn insert_holds(backend: Backend, plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
     if plan.new_holds.is_empty() {
         return None;
     }
-    let mut sql = Sql::new(concat!(
-        "INSERT INTO credit_holds (",
-        hold_columns!(),
-        ") VALUES "
-    ));
-    for (i, h) in plan.new_holds.iter().enumerate() {
-        if i > 0 {
-            sql.push(", ");
-        }
-        let tx = capture_row_of(plan, &h.id).map(|r| row_ids[r]);
-        sql.push("(").list(hold_args(h, tx)).push(")");
-    }
-    Some(sql)
+    let rows = plan
+        .new_holds
+        .iter()
+        .map(|h| hold_args(h, capture_row_of(plan, &h.id).map(|r| row_ids[r])))
+        .collect();
+    Some(insert(backend, "credit_holds", hold_columns!(), rows))
 }
 
 fn capture_row_of(plan: &Plan, hold_id: &str) -> Option<usize> {
@@ -1264,93 +1472,122 @@ fn capture_row_of(plan: &Plan, hold_id: &str) -> Option<usize> {
         .and_then(|(_, r)| *r)
 }
 
-/// Existing holds that changed: one `UPDATE … CASE` over all of them.
-fn update_holds(plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
-    let changed: Vec<&(HoldRow, Option<usize>)> = plan
+/// One multi-row `UPDATE` of `table` setting `columns` from `rows`, each row
+/// being the key (in `key`) followed by the new values (a join against the
+/// unnested rows on PostgreSQL, `CASE` per column on SQLite), and `also`
+/// to one value on every row.
+fn update_many<const N: usize>(
+    backend: Backend,
+    table: &str,
+    key: &str,
+    columns: &[&str],
+    rows: Vec<[Arg; N]>,
+    also: Option<(&str, Arg)>,
+) -> Sql {
+    debug_assert_eq!(columns.len() + 1, N);
+    let mut sql = Sql::new("UPDATE ");
+    sql.push(table).push(" SET ");
+    for (i, column) in columns.iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.push(column).push(" = ");
+        match backend {
+            Backend::Postgres => sql.push("u.").push(column),
+            Backend::Sqlite => sql.case(key, rows.iter().map(|r| (r[0].clone(), r[i + 1].clone()))),
+        };
+    }
+    if let Some((column, value)) = also {
+        sql.push(", ").push(column).push(" = ").arg(value);
+    }
+    match backend {
+        Backend::Postgres => {
+            sql.push(" FROM ")
+                .unnest(rows)
+                .push(" AS u(")
+                .push(key)
+                .push(", ")
+                .push(&columns.join(", "))
+                .push(") WHERE ")
+                .push(table)
+                .push(".")
+                .push(key)
+                .push(" = u.")
+                .push(key);
+        }
+        Backend::Sqlite => {
+            let keys: Vec<Arg> = rows.iter().map(|row| row[0].clone()).collect();
+            sql.push(" WHERE ")
+                .push(key)
+                .push(" IN (")
+                .list(keys)
+                .push(")");
+        }
+    }
+    sql
+}
+
+/// Existing holds that changed: one multi-row `UPDATE` over all of them.
+fn update_holds(backend: Backend, plan: &Plan, row_ids: &[i64]) -> Option<Sql> {
+    let rows: Vec<[Arg; 5]> = plan
         .hold_updates
         .iter()
         .filter(|(h, _)| !plan.new_holds.iter().any(|n| n.id == h.id))
-        .collect();
-    if changed.is_empty() {
-        return None;
-    }
-    let id = |h: &HoldRow| Arg::Text(h.id.clone());
-    let mut sql = Sql::new("UPDATE credit_holds SET state = ");
-    sql.case(
-        "id",
-        changed
-            .iter()
-            .map(|(h, _)| (id(h), Arg::Text(h.state.clone()))),
-    )
-    .push(", captured_credits = ")
-    .case(
-        "id",
-        changed
-            .iter()
-            .map(|(h, _)| (id(h), Arg::I64(h.captured_credits))),
-    )
-    .push(", transaction_id = ")
-    .case(
-        "id",
-        changed.iter().map(|(h, row)| {
-            (
-                id(h),
+        .map(|(h, row)| {
+            [
+                Arg::Text(h.id.clone()),
+                Arg::Text(h.state.clone()),
+                Arg::I64(h.captured_credits),
                 Arg::OptI64(row.map(|r| row_ids[r]).or(h.transaction_id)),
-            )
-        }),
-    )
-    .push(", closed_at = ")
-    .case(
-        "id",
-        changed
-            .iter()
-            .map(|(h, _)| (id(h), Arg::OptTime(h.closed_at))),
-    );
-    sql.push(" WHERE id IN (")
-        .list(changed.iter().map(|(h, _)| Arg::Text(h.id.clone())))
-        .push(")");
-    Some(sql)
+                Arg::OptTime(h.closed_at),
+            ]
+        })
+        .collect();
+    (!rows.is_empty()).then(|| {
+        update_many(
+            backend,
+            "credit_holds",
+            "id",
+            &["state", "captured_credits", "transaction_id", "closed_at"],
+            rows,
+            None,
+        )
+    })
 }
 
 /// Moves every changed account's balance and held amount with one
-/// `UPDATE … CASE`; on PostgreSQL the same statement sends
+/// multi-row `UPDATE`; on PostgreSQL the same statement sends
 /// `pg_notify('igny8_balance', '<account>')` once per changed account (in the
 /// transaction, so only committed changes notify).
 fn update_accounts(backend: Backend, plan: &Plan, now: DateTime<Utc>) -> Option<Sql> {
     if plan.accounts.is_empty() {
         return None;
     }
-    let notify = backend == Backend::Postgres;
-    let mut sql = Sql::new(if notify {
-        "WITH moved AS (UPDATE accounts SET credits = "
-    } else {
-        "UPDATE accounts SET credits = "
-    });
-    let accounts = &plan.accounts;
-    sql.case(
+    let rows = plan
+        .accounts
+        .iter()
+        .map(|(id, (credits, held))| [Arg::I64(*id), Arg::I64(*credits), Arg::I64(*held)])
+        .collect();
+    let moved = update_many(
+        backend,
+        "accounts",
         "id",
-        accounts
-            .iter()
-            .map(|(id, (c, _))| (Arg::I64(*id), Arg::I64(*c))),
-    )
-    .push(", held = ")
-    .case(
-        "id",
-        accounts
-            .iter()
-            .map(|(id, (_, h))| (Arg::I64(*id), Arg::I64(*h))),
-    )
-    .push(", updated_at = ")
-    .arg(Arg::Time(now))
-    .push(" WHERE id IN (")
-    .list(plan.accounts.keys().map(|id| Arg::I64(*id)))
-    .push(")");
-    if notify {
-        sql.push(" RETURNING id) SELECT pg_notify('")
-            .push(crate::BALANCE_CHANNEL)
-            .push("', CAST(id AS TEXT)) FROM moved");
-    }
-    Some(sql)
+        &["credits", "held"],
+        rows,
+        Some(("updated_at", Arg::Time(now))),
+    );
+    Some(match backend {
+        Backend::Postgres => {
+            let mut sql = Sql::new("WITH moved AS (");
+            sql.push(&moved.text)
+                .push(" RETURNING accounts.id) SELECT pg_notify('")
+                .push(crate::BALANCE_CHANNEL)
+                .push("', CAST(id AS TEXT)) FROM moved");
+            sql.args = moved.args;
+            sql
+        }
+        Backend::Sqlite => moved,
+    })
 }
 
 type Answers = Vec<Result<Done, BillingError>>;
@@ -1369,12 +1606,12 @@ async fn apply_batch(
         // about expiry is made under the lock that orders it.
         let lock = lock_accounts(backend, requests);
         let locked: Vec<(i64, i64, i64)> =
-            bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(lock.text)), lock.args).fetch_all(&mut *tx).await?;
+            query_as(pool, lock)?.fetch_all(&mut *tx).await?;
         // Microseconds: what both backends store, so answers built in memory
         // equal what a later read returns.
         let now = clock();
         let now = DateTime::from_timestamp_micros(micros(now)).unwrap_or(now);
-        let r = reads(requests, now);
+        let r = reads(backend, requests, now);
         let mut loaded = Loaded {
             accounts: locked.iter().map(|&(id, c, h)| (id, (c, h))).collect(),
             ..Loaded::default()
@@ -1382,7 +1619,7 @@ async fn apply_batch(
         let mut swept_accounts = BTreeSet::new();
         if locked.iter().any(|&(_, _, held)| held > 0) {
             let swept: Vec<(i64, i64)> =
-                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(r.sweep.text)), r.sweep.args).fetch_all(&mut *tx).await?;
+                query_as(pool, r.sweep)?.fetch_all(&mut *tx).await?;
             for (account, credits) in swept {
                 if let Some(a) = loaded.accounts.get_mut(&account) {
                     a.1 -= credits;
@@ -1392,7 +1629,7 @@ async fn apply_batch(
         }
         if let Some(sql) = r.rows_by_key {
             let rows: Vec<LedgerRow> =
-                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+                query_as(pool, sql)?.fetch_all(&mut *tx).await?;
             for row in rows {
                 loaded
                     .rows_by_key
@@ -1401,7 +1638,7 @@ async fn apply_batch(
         }
         if let Some(sql) = r.holds_by_key {
             let holds: Vec<HoldRow> =
-                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+                query_as(pool, sql)?.fetch_all(&mut *tx).await?;
             for hold in holds {
                 loaded
                     .holds_by_key
@@ -1411,17 +1648,17 @@ async fn apply_batch(
         }
         if let Some(sql) = r.holds_by_id {
             let holds: Vec<HoldRow> =
-                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+                query_as(pool, sql)?.fetch_all(&mut *tx).await?;
             for hold in holds {
                 loaded.holds_by_id.insert(hold.id.clone(), hold);
             }
         }
         let ids = row_ids_needed(requests, &loaded);
         if !ids.is_empty() {
-            let mut sql = Sql::new(concat!("SELECT ", ledger_columns!(), " FROM credit_ledger WHERE id IN ("));
-            sql.list(ids.iter().map(|id| Arg::I64(*id))).push(")");
+            let mut sql = Sql::new(concat!("SELECT ", ledger_columns!(), " FROM credit_ledger WHERE id"));
+            sql.is_in(backend, i64s(ids));
             let rows: Vec<LedgerRow> =
-                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+                query_as(pool, sql)?.fetch_all(&mut *tx).await?;
             for row in rows {
                 loaded.rows_by_id.insert(row.id, row);
             }
@@ -1429,11 +1666,11 @@ async fn apply_batch(
         let refunds = refunds_needed(requests);
         if !refunds.is_empty() {
             let mut sql = Sql::new(
-                "SELECT refund_of, CAST(SUM(credits) AS BIGINT) FROM credit_ledger WHERE refund_of IN (",
+                "SELECT refund_of, CAST(SUM(credits) AS BIGINT) FROM credit_ledger WHERE refund_of",
             );
-            sql.list(refunds.iter().map(|id| Arg::I64(*id))).push(") GROUP BY refund_of");
+            sql.is_in(backend, i64s(refunds)).push(" GROUP BY refund_of");
             let sums: Vec<(i64, i64)> =
-                bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+                query_as(pool, sql)?.fetch_all(&mut *tx).await?;
             loaded.refunded.extend(sums);
         }
 
@@ -1446,20 +1683,20 @@ async fn apply_batch(
         }
 
         let mut inserted: Vec<LedgerRow> = Vec::new();
-        if let Some(sql) = insert_rows(&plan) {
-            inserted = bind_all!(sqlx::query_as(sqlx::AssertSqlSafe(sql.text)), sql.args).fetch_all(&mut *tx).await?;
+        if let Some(sql) = insert_rows(backend, &plan) {
+            inserted = query_as(pool, sql)?.fetch_all(&mut *tx).await?;
         }
         let row_ids = match_inserted(&plan, &inserted)?;
         let changed: Vec<i64> = plan.accounts.keys().copied().collect();
         for sql in [
-            insert_holds(&plan, &row_ids),
-            update_holds(&plan, &row_ids),
+            insert_holds(backend, &plan, &row_ids),
+            update_holds(backend, &plan, &row_ids),
             update_accounts(backend, &plan, now),
         ]
         .into_iter()
         .flatten()
         {
-            bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql.text)), sql.args).execute(&mut *tx).await?;
+            query(pool, sql)?.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok((resolve(plan, &inserted, &row_ids), changed))
