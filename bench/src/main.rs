@@ -24,10 +24,7 @@ use std::{process::ExitCode, time::Duration};
 
 use billing_svc::{BillingOptions, writer::WriterConfig};
 use clap::Parser;
-use igny8_tests::{
-    Running, TestDb, spawn_billing_with, spawn_billing_with_options, spawn_settings_with,
-    test_config,
-};
+use igny8_tests::{Running, TestDb, spawn_billing_with_options, spawn_settings_with, test_config};
 
 use crate::{
     baseline::Baseline,
@@ -140,8 +137,18 @@ async fn run(args: &Args) -> Result<Report, String> {
         config.limits.max_in_flight = config.limits.max_in_flight.max(args.max_callers());
         config
     };
+    // The ledger writer takes IGNY8_LEDGER_* from the environment, as the
+    // service does, so settings can be compared with the same bench.
+    let ledger_env = |name: &str| std::env::var(name).ok();
     let billing = match &db {
-        Some(db) if needs_billing => Some(spawn_billing_with(config(&db.url)).await),
+        Some(db) if needs_billing => {
+            let backend = igny8_db::Backend::of_url(&db.url).map_err(|e| e.to_string())?;
+            let options = BillingOptions {
+                ledger: Some(WriterConfig::from_lookup(backend, ledger_env)?),
+                ..Default::default()
+            };
+            Some(spawn_billing_with_options(config(&db.url), options).await)
+        }
         _ => None,
     };
     // The same billing code whose ledger writer applies one request per
@@ -149,8 +156,9 @@ async fn run(args: &Args) -> Result<Report, String> {
     let unbatched = match &db {
         Some(db) if needs_unbatched => {
             let backend = igny8_db::Backend::of_url(&db.url).map_err(|e| e.to_string())?;
-            let ledger = WriterConfig::from_lookup(backend, |name| {
-                (name == "IGNY8_LEDGER_MAX_BATCH").then(|| "1".to_owned())
+            let ledger = WriterConfig::from_lookup(backend, |name| match name {
+                "IGNY8_LEDGER_MAX_BATCH" => Some("1".to_owned()),
+                _ => ledger_env(name),
             })?;
             let options = BillingOptions {
                 ledger: Some(ledger),
