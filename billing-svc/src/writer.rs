@@ -1457,7 +1457,9 @@ fn insert_rows(backend: Backend, plan: &Plan) -> Option<Sql> {
          idempotency_key, request_hash, actor, created_at, hold_id, refund_of",
         rows,
     );
-    sql.push(concat!(" RETURNING ", ledger_columns!()));
+    // Only what tells the rows apart and their new ids: every other column
+    // is what the plan wrote.
+    sql.push(" RETURNING id, account_id, kind, idempotency_key");
     Some(sql)
 }
 
@@ -1723,7 +1725,7 @@ async fn apply_batch(
         // On PostgreSQL the accounts' update rides in the same statement as
         // the ledger insert (one round trip fewer per batch).
         let mut accounts_update = update_accounts(backend, &plan, now);
-        let mut inserted: Vec<LedgerRow> = Vec::new();
+        let mut inserted: Vec<Inserted> = Vec::new();
         if let Some(mut sql) = insert_rows(backend, &plan) {
             if backend == Backend::Postgres
                 && let Some(update) = accounts_update.take()
@@ -1745,21 +1747,19 @@ async fn apply_batch(
             query(pool, sql)?.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok((resolve(plan, &inserted, &row_ids), changed))
+        Ok((resolve(plan, &row_ids), changed))
     })
 }
 
-/// The inserted rows, in the plan's order (RETURNING order is not
+/// What the ledger insert returns of each row: id, account, kind, key.
+type Inserted = (i64, i64, String, String);
+
+/// The inserted rows' ids, in the plan's order (RETURNING order is not
 /// guaranteed, so rows are matched by their unique key).
-fn match_inserted(plan: &Plan, inserted: &[LedgerRow]) -> Result<Vec<i64>, sqlx::Error> {
+fn match_inserted(plan: &Plan, inserted: &[Inserted]) -> Result<Vec<i64>, sqlx::Error> {
     let by_key: HashMap<(i64, &str, &str), i64> = inserted
         .iter()
-        .map(|r| {
-            (
-                (r.account_id, r.kind.as_str(), r.idempotency_key.as_str()),
-                r.id,
-            )
-        })
+        .map(|(id, account, kind, key)| ((*account, kind.as_str(), key.as_str()), *id))
         .collect();
     plan.new_rows
         .iter()
@@ -1776,16 +1776,16 @@ fn match_inserted(plan: &Plan, inserted: &[LedgerRow]) -> Result<Vec<i64>, sqlx:
         .collect()
 }
 
-fn resolve(mut plan: Plan, inserted: &[LedgerRow], row_ids: &[i64]) -> Answers {
+/// Every answer, new rows carrying the ids the database gave them.
+fn resolve(mut plan: Plan, row_ids: &[i64]) -> Answers {
     let pending_answers = std::mem::take(&mut plan.answers);
-    let by_id: HashMap<i64, &LedgerRow> = inserted.iter().map(|r| (r.id, r)).collect();
     let row = |r: RowRef| -> LedgerRow {
         match r {
             RowRef::Existing(row) => *row,
-            RowRef::New(i) => by_id
-                .get(&row_ids[i])
-                .map(|r| (*r).clone())
-                .unwrap_or_else(|| plan.new_rows[i].row.clone()),
+            RowRef::New(i) => LedgerRow {
+                id: row_ids[i],
+                ..plan.new_rows[i].row.clone()
+            },
         }
     };
     pending_answers

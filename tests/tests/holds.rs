@@ -846,6 +846,55 @@ async fn capture_racing_expiry_has_one_winner(b: Backend) {
     assert_books_balance(&db, &server, EDITOR, ACCOUNT, 1000).await;
 }
 
+/// The refund bound is the database's own rule, not only the writer's: a
+/// ledger row written straight into the table cannot refund more than its
+/// charge, while rows of other kinds pass the trigger untouched.
+async fn the_database_refuses_refunds_beyond_the_charge(b: Backend) {
+    let (db, server) = setup(b, 100).await;
+    let mut editor = server.billing(&access_token(EDITOR, None), None).await;
+    let charge = editor
+        .deduct(deduct_credits(30, "d1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .transaction
+        .unwrap();
+    let insert = |kind: &'static str, credits: i64, key: &'static str, refund_of: Option<i64>| {
+        let pool = db.db.clone();
+        async move {
+            let sql = "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
+                       idempotency_key, request_hash, actor, created_at, refund_of) \
+                       VALUES ($1, $2, $3, 1000, $4, 'h', 'test', $5, $6)";
+            igny8_db::on_pool!(&pool, pool => sqlx::query(sql)
+                .bind(ACCOUNT)
+                .bind(kind)
+                .bind(credits)
+                .bind(key)
+                .bind(chrono::Utc::now())
+                .bind(refund_of)
+                .execute(pool)
+                .await
+                .map(|_| ()))
+        }
+    };
+    insert("refund", 31, "r1", Some(charge.id))
+        .await
+        .expect_err("a refund beyond the charge is refused");
+    insert("refund", 30, "r2", Some(charge.id))
+        .await
+        .expect("a refund of the whole charge is allowed");
+    insert("refund", 1, "r3", Some(charge.id))
+        .await
+        .expect_err("nothing is left to refund");
+    insert("refund", 1, "r4", Some(9_999_999))
+        .await
+        .expect_err("only a charge of the account can be refunded");
+    insert("deduct", -1, "d2", None)
+        .await
+        .expect("other kinds do not meet the refund rule");
+    assert_eq!(db.ledger_sum(ACCOUNT).await, (-30 + 30 - 1, 3));
+}
+
 on_both_backends!(
     reserve_moves_nothing_but_available,
     capture_charges_at_most_the_hold,
@@ -859,6 +908,7 @@ on_both_backends!(
     concurrent_reserves_never_overcommit,
     racing_holds_deducts_captures_releases_never_overdraw,
     capture_racing_expiry_has_one_winner,
+    the_database_refuses_refunds_beyond_the_charge,
 );
 
 /// A SIGKILL of billing-svc between Reserve and Capture loses nothing: after
