@@ -299,9 +299,12 @@ where
     }
 }
 
+/// `grpc-status`, parsed once (a `&str` key is parsed on every lookup).
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(headers: &HeaderMap) -> Option<Code> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .map(|v| Code::from_bytes(v.as_bytes()))
 }
 

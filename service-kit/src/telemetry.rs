@@ -223,7 +223,9 @@ fn tracer_provider(
 /// `span`. Without valid trace context, or without trace export, `span`
 /// stays a root.
 pub(crate) fn set_remote_parent(span: &Span, headers: &HeaderMap) {
-    if !headers.contains_key("traceparent") {
+    // A parsed name: a `&str` key would be parsed on every call.
+    const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+    if !headers.contains_key(TRACEPARENT) {
         return;
     }
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
