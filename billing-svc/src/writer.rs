@@ -1159,47 +1159,47 @@ trait BatchDb: sqlx::Database {
     fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError>;
 }
 
-impl BatchDb for sqlx::Postgres {
-    fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError> {
-        use sqlx::Arguments as _;
-        let mut out = Self::Arguments::default();
-        for arg in args {
-            match arg {
-                Arg::I64(v) => out.add(v),
-                Arg::Text(v) => out.add(v),
-                Arg::OptText(v) => out.add(v),
-                Arg::OptI64(v) => out.add(v),
-                Arg::Time(v) => out.add(v),
-                Arg::OptTime(v) => out.add(v),
-                Arg::I64s(v) => out.add(v),
-                Arg::Texts(v) => out.add(v),
-                Arg::Times(v) => out.add(v),
-            }?;
+/// [`BatchDb::arguments`] for a backend: scalars bind the same way on both,
+/// `$arrays` says what becomes of the array columns.
+macro_rules! batch_db {
+    ($db:ty, $arrays:expr) => {
+        impl BatchDb for $db {
+            fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError> {
+                use sqlx::Arguments as _;
+                let mut out = Self::Arguments::default();
+                let arrays = $arrays;
+                for arg in args {
+                    match arg {
+                        Arg::I64(v) => out.add(v),
+                        Arg::Text(v) => out.add(v),
+                        Arg::OptText(v) => out.add(v),
+                        Arg::OptI64(v) => out.add(v),
+                        Arg::Time(v) => out.add(v),
+                        Arg::OptTime(v) => out.add(v),
+                        array => arrays(&mut out, array),
+                    }?;
+                }
+                Ok(out)
+            }
         }
-        Ok(out)
-    }
+    };
 }
 
-impl BatchDb for sqlx::Sqlite {
-    fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError> {
-        use sqlx::Arguments as _;
-        let mut out = Self::Arguments::default();
-        for arg in args {
-            match arg {
-                Arg::I64(v) => out.add(v),
-                Arg::Text(v) => out.add(v),
-                Arg::OptText(v) => out.add(v),
-                Arg::OptI64(v) => out.add(v),
-                Arg::Time(v) => out.add(v),
-                Arg::OptTime(v) => out.add(v),
-                Arg::I64s(_) | Arg::Texts(_) | Arg::Times(_) => {
-                    Err("array arguments are built only for PostgreSQL".into())
-                }
-            }?;
-        }
-        Ok(out)
+batch_db!(sqlx::Postgres, |out: &mut sqlx::postgres::PgArguments,
+                           array: Arg| {
+    use sqlx::Arguments as _;
+    match array {
+        Arg::I64s(v) => out.add(v),
+        Arg::Texts(v) => out.add(v),
+        Arg::Times(v) => out.add(v),
+        scalar => unreachable!("{scalar:?} is bound as a scalar"),
     }
-}
+});
+batch_db!(sqlx::Sqlite, |_: &mut sqlx::sqlite::SqliteArguments,
+                         _: Arg|
+ -> Result<(), sqlx::error::BoxDynError> {
+    Err("array arguments are built only for PostgreSQL".into())
+});
 
 /// `sql` as a query on `pool`'s backend (the pool only names the backend).
 fn query<'q, DB: BatchDb>(
