@@ -16,10 +16,7 @@
 use std::{
     collections::BTreeMap,
     future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -223,11 +220,7 @@ pub async fn drive_open<C: Caller>(
     let start = Instant::now();
     let measure_from = start + plan.warmup;
     let until = measure_from + plan.duration;
-    let schedule = Arc::new(Schedule {
-        start,
-        interval_ns: 1e9 / rate,
-        next: AtomicU64::new(0),
-    });
+    let schedule = Schedule::start(start, rate, until);
     let tasks: Vec<_> = callers
         .into_iter()
         .map(|caller| {
@@ -236,7 +229,6 @@ pub async fn drive_open<C: Caller>(
                 accounts,
                 schedule.clone(),
                 measure_from,
-                until,
             ))
         })
         .collect();
@@ -250,18 +242,71 @@ pub async fn drive_open<C: Caller>(
 }
 
 /// The open-loop schedule: slot `k` is due at `start + k × interval`.
+///
+/// A dedicated OS thread releases each slot when it falls due (sleeping on
+/// the kernel's high-resolution timer with its timer slack cut to 1 ns), and
+/// callers take released slots from a channel. Tokio's own timer fires on a
+/// 1 ms wheel: with it every call started up to a millisecond late (0.6–1 ms
+/// at p50 when measured), which is the load generator's error, not the
+/// server's queueing, and it went straight into every latency.
+#[derive(Clone)]
 struct Schedule {
-    start: Instant,
-    interval_ns: f64,
-    next: AtomicU64,
+    due: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Instant>>>,
 }
 
+/// How many released slots may wait for a free caller before the clock
+/// thread waits too (the slots keep their due times, so the wait still
+/// counts in their latency).
+const RELEASED_SLOTS: usize = 64 * 1024;
+
 impl Schedule {
-    /// Claims the next slot and returns when it is due.
-    fn claim(&self) -> Instant {
-        let k = self.next.fetch_add(1, Ordering::Relaxed);
-        self.start + Duration::from_nanos((k as f64 * self.interval_ns) as u64)
+    /// Starts releasing slots at `rate` per second from `start`; the last
+    /// slot is the last one due before `until`.
+    fn start(start: Instant, rate: f64, until: Instant) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(RELEASED_SLOTS);
+        let interval_ns = 1e9 / rate;
+        std::thread::Builder::new()
+            .name("open-loop-clock".into())
+            .spawn(move || {
+                precise_sleeps();
+                for k in 0u64.. {
+                    let due = start + Duration::from_nanos((k as f64 * interval_ns) as u64);
+                    if due >= until {
+                        break;
+                    }
+                    wait_until(due);
+                    if tx.blocking_send(due).is_err() {
+                        break; // every caller is gone
+                    }
+                }
+            })
+            .expect("start the open-loop clock thread");
+        Self {
+            due: Arc::new(tokio::sync::Mutex::new(rx)),
+        }
     }
+
+    /// The next released slot's due time; `None` once the schedule is over.
+    async fn next(&self) -> Option<Instant> {
+        self.due.lock().await.recv().await
+    }
+}
+
+/// Blocks the calling (clock) thread until `due`.
+fn wait_until(due: Instant) {
+    let now = Instant::now();
+    if due > now {
+        std::thread::sleep(due - now);
+    }
+}
+
+/// Makes this thread's sleeps end within a few µs of their deadline: Linux
+/// otherwise lets a timer fire up to 50 µs late (the default timer slack) to
+/// coalesce wake-ups. Best effort (elsewhere, or if refused, the slack
+/// stays); spinning instead would take CPU from the servers under test on a
+/// small machine.
+fn precise_sleeps() {
+    let _ = std::fs::write("/proc/thread-self/timerslack_ns", "1");
 }
 
 async fn collect(
@@ -383,17 +428,11 @@ async fn run_caller<C: Caller>(
 async fn run_open_caller<C: Caller>(
     mut caller: C,
     accounts: usize,
-    schedule: Arc<Schedule>,
+    schedule: Schedule,
     measure_from: Instant,
-    until: Instant,
 ) -> CallerStats {
     let mut stats = CallerStats::new(accounts, measure_from);
-    loop {
-        let due = schedule.claim();
-        if due >= until {
-            break;
-        }
-        tokio::time::sleep_until(due.into()).await;
+    while let Some(due) = schedule.next().await {
         let measured = due >= measure_from;
         if measured {
             stats.start_lags_ns.push(nanos(due.elapsed()));
