@@ -38,7 +38,8 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use igny8_db::{Backend, BeginWrite, Db, on_pool};
+use igny8_db::{Backend, Db, on_pool};
+use sqlx::{SqlSafeStr as _, pool::PoolConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -297,13 +298,15 @@ impl Writer {
                 let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
                 let waiting: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
                 tokio::spawn(run_shard(
-                    db.clone(),
                     rx,
-                    config.max_batch.max(1),
-                    waiting.clone(),
-                    on_commit.clone(),
-                    clock.clone(),
-                    metrics.clone(),
+                    ShardContext {
+                        db: db.clone(),
+                        max_batch: config.max_batch.max(1),
+                        waiting: waiting.clone(),
+                        on_commit: on_commit.clone(),
+                        clock: clock.clone(),
+                        metrics: metrics.clone(),
+                    },
                 ));
                 Shard { tx, waiting }
             })
@@ -386,19 +389,37 @@ fn release_share(waiting: &Mutex<HashMap<i64, usize>>, account: i64) {
     }
 }
 
-async fn run_shard(
+/// What a shard's writer task needs besides its queue.
+struct ShardContext {
     db: Db,
-    mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     waiting: Arc<Mutex<HashMap<i64, usize>>>,
     on_commit: Arc<Mutex<Option<OnCommit>>>,
     clock: Clock,
     metrics: WriterMetrics,
-) {
-    let mut jobs = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut jobs, max_batch).await > 0 {
+}
+
+/// A shard's writer task: gathers whatever is waiting (up to `max_batch`)
+/// into a batch, applies it, answers, and gathers again.
+async fn run_shard(mut rx: mpsc::Receiver<Job>, cx: ShardContext) {
+    let mut jobs = Vec::with_capacity(cx.max_batch);
+    let mut held = Held::default();
+    loop {
+        let received =
+            match tokio::time::timeout(IDLE_RELEASE, rx.recv_many(&mut jobs, cx.max_batch)).await {
+                Ok(received) => received,
+                Err(_idle) => {
+                    // Nothing to write for a while: give the connection
+                    // back (a draining server closes its pool).
+                    held.release();
+                    rx.recv_many(&mut jobs, cx.max_batch).await
+                }
+            };
+        if received == 0 {
+            break; // every handle dropped and the queue is empty
+        }
         for job in &jobs {
-            release_share(&waiting, job.account);
+            release_share(&cx.waiting, job.account);
         }
         // Callers that gave up (deadline, cancellation) are not applied.
         jobs.retain(|job| !job.reply.is_closed());
@@ -406,21 +427,35 @@ async fn run_shard(
             continue;
         }
         let batch: Vec<Job> = std::mem::take(&mut jobs);
-        let changed = process(&db, batch, &clock, &metrics).await;
-        if !changed.is_empty() {
-            let hook = on_commit.lock().expect("hook lock").clone();
-            if let Some(hook) = hook {
-                hook(&changed);
-            }
-        }
+        let changed = process(&cx, &mut held, batch).await;
+        committed(&cx, &changed);
+    }
+}
+
+/// Runs the commit hook for a batch's changed accounts.
+fn committed(cx: &ShardContext, changed: &[i64]) {
+    if changed.is_empty() {
+        return;
+    }
+    let hook = cx.on_commit.lock().expect("hook lock").clone();
+    if let Some(hook) = hook {
+        hook(changed);
     }
 }
 
 /// Applies a batch and answers its callers; returns the accounts changed.
-async fn process(db: &Db, batch: Vec<Job>, clock: &Clock, metrics: &WriterMetrics) -> Vec<i64> {
+async fn process(cx: &ShardContext, held: &mut Held, batch: Vec<Job>) -> Vec<i64> {
+    let (db, clock, metrics) = (&cx.db, &cx.clock, &cx.metrics);
     let requests: Vec<(i64, &Op)> = batch.iter().map(|j| (j.account, &j.op)).collect();
     let size = batch.len();
-    match apply_batch(db, &requests, clock).await {
+    let result = apply_batch(db, held, &requests, clock).await;
+    if let Err(e) = &result
+        && igny8_db::is_unavailable(e)
+    {
+        // The connection may be gone: the next batch takes a checked one.
+        held.release();
+    }
+    match result {
         Ok((answers, changed)) => {
             metrics.batches.inc();
             metrics.requests.inc_by(size as u64);
@@ -439,7 +474,7 @@ async fn process(db: &Db, batch: Vec<Job>, clock: &Clock, metrics: &WriterMetric
             let mut changed = BTreeSet::new();
             for job in batch {
                 let one = [(job.account, &job.op)];
-                let answer = match apply_batch(db, &one, clock).await {
+                let answer = match apply_batch(db, held, &one, clock).await {
                     Ok((mut answers, c)) => {
                         metrics.batches.inc();
                         metrics.requests.inc();
@@ -448,6 +483,9 @@ async fn process(db: &Db, batch: Vec<Job>, clock: &Clock, metrics: &WriterMetric
                     }
                     Err(e) => {
                         metrics.failures.inc();
+                        if igny8_db::is_unavailable(&e) {
+                            held.release();
+                        }
                         Err(batch_error(e))
                     }
                 };
@@ -1154,16 +1192,26 @@ impl Sql {
     }
 }
 
-/// The database side of [`Sql`]: its values as one backend's arguments.
+/// The database side of [`Sql`]: its values as one backend's arguments,
+/// and how a batch's transaction starts.
 trait BatchDb: sqlx::Database {
+    /// Starts a batch's transaction: `BEGIN IMMEDIATE` on SQLite takes the
+    /// write lock at once, so a batch never fails to upgrade a read lock.
+    const BEGIN: &'static str;
     fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError>;
+    /// This backend's slot in a writer's [`Held`] connection.
+    fn held(held: &mut Held) -> &mut Option<PoolConnection<Self>>;
 }
 
-/// [`BatchDb::arguments`] for a backend: scalars bind the same way on both,
-/// `$arrays` says what becomes of the array columns.
+/// [`BatchDb`] for a backend: scalars bind the same way on both, `$arrays`
+/// says what becomes of the array columns.
 macro_rules! batch_db {
-    ($db:ty, $arrays:expr) => {
+    ($db:ty, $begin:literal, $slot:ident, $arrays:expr) => {
         impl BatchDb for $db {
+            const BEGIN: &'static str = $begin;
+            fn held(held: &mut Held) -> &mut Option<PoolConnection<Self>> {
+                &mut held.$slot
+            }
             fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError> {
                 use sqlx::Arguments as _;
                 let mut out = Self::Arguments::default();
@@ -1185,21 +1233,28 @@ macro_rules! batch_db {
     };
 }
 
-batch_db!(sqlx::Postgres, |out: &mut sqlx::postgres::PgArguments,
-                           array: Arg| {
-    use sqlx::Arguments as _;
-    match array {
-        Arg::I64s(v) => out.add(v),
-        Arg::Texts(v) => out.add(v),
-        Arg::Times(v) => out.add(v),
-        scalar => unreachable!("{scalar:?} is bound as a scalar"),
+batch_db!(
+    sqlx::Postgres,
+    "BEGIN",
+    postgres,
+    |out: &mut sqlx::postgres::PgArguments, array: Arg| {
+        use sqlx::Arguments as _;
+        match array {
+            Arg::I64s(v) => out.add(v),
+            Arg::Texts(v) => out.add(v),
+            Arg::Times(v) => out.add(v),
+            scalar => unreachable!("{scalar:?} is bound as a scalar"),
+        }
     }
-});
-batch_db!(sqlx::Sqlite, |_: &mut sqlx::sqlite::SqliteArguments,
-                         _: Arg|
- -> Result<(), sqlx::error::BoxDynError> {
-    Err("array arguments are built only for PostgreSQL".into())
-});
+);
+batch_db!(
+    sqlx::Sqlite,
+    "BEGIN IMMEDIATE",
+    sqlite,
+    |_: &mut sqlx::sqlite::SqliteArguments, _: Arg| -> Result<(), sqlx::error::BoxDynError> {
+        Err("array arguments are built only for PostgreSQL".into())
+    }
+);
 
 /// `sql` as a query on `pool`'s backend (the pool only names the backend).
 fn query<'q, DB: BatchDb>(
@@ -1632,20 +1687,56 @@ fn update_accounts(backend: Backend, plan: &Plan, now: DateTime<Utc>) -> Option<
 
 type Answers = Vec<Result<Done, BillingError>>;
 
+/// A writer task's own connection, kept from one batch to the next while
+/// requests keep coming. Taking a connection from the pool for every batch
+/// cost a round trip each time (the pool pings every connection it hands
+/// out). Given back to the pool after [`IDLE_RELEASE`] without requests and
+/// after a batch fails on a connection error.
+#[derive(Default)]
+struct Held {
+    postgres: Option<PoolConnection<sqlx::Postgres>>,
+    sqlite: Option<PoolConnection<sqlx::Sqlite>>,
+}
+
+impl Held {
+    fn release(&mut self) {
+        self.postgres = None;
+        self.sqlite = None;
+    }
+}
+
+/// How long a writer keeps its connection with nothing to write. Short, so
+/// a draining server's pool closes without waiting for it.
+const IDLE_RELEASE: Duration = Duration::from_millis(50);
+
+/// Begins a batch's transaction on the held connection, taking one from
+/// the pool (which pings it first) when none is held.
+async fn begin_batch<'c, DB: BatchDb>(
+    pool: &sqlx::Pool<DB>,
+    held: &'c mut Option<PoolConnection<DB>>,
+) -> Result<sqlx::Transaction<'c, DB>, sqlx::Error> {
+    let conn = match held {
+        Some(conn) => conn,
+        None => held.insert(pool.acquire().await?),
+    };
+    sqlx::Transaction::begin(&mut **conn, Some(DB::BEGIN.into_sql_str())).await
+}
+
 /// One transaction for the whole batch. `Err` means it was rolled back and
 /// nothing in it happened.
 async fn apply_batch(
     db: &Db,
+    held: &mut Held,
     requests: &[(i64, &Op)],
     clock: &Clock,
 ) -> Result<(Answers, Vec<i64>), sqlx::Error> {
     let backend = db.backend();
     on_pool!(db, pool => {
-        let mut tx = pool.begin_write().await?;
+        let mut tx = begin_batch(pool, BatchDb::held(held)).await?;
         // The time is taken once the accounts are locked, so every decision
         // about expiry is made under the lock that orders it.
         let lock = lock_accounts(backend, requests);
-        let locked: Vec<(i64, i64, i64)> =
+        let accounts: Vec<(i64, i64, i64)> =
             query_as(pool, lock)?.fetch_all(&mut *tx).await?;
         // Microseconds: what both backends store, so answers built in memory
         // equal what a later read returns.
@@ -1653,11 +1744,11 @@ async fn apply_batch(
         let now = DateTime::from_timestamp_micros(micros(now)).unwrap_or(now);
         let r = reads(backend, requests, now);
         let mut loaded = Loaded {
-            accounts: locked.iter().map(|&(id, c, h)| (id, (c, h))).collect(),
+            accounts: accounts.iter().map(|&(id, c, h)| (id, (c, h))).collect(),
             ..Loaded::default()
         };
         let mut swept_accounts = BTreeSet::new();
-        if locked.iter().any(|&(_, _, held)| held > 0) {
+        if accounts.iter().any(|&(_, _, held)| held > 0) {
             let swept: Vec<(i64, i64)> =
                 query_as(pool, r.sweep)?.fetch_all(&mut *tx).await?;
             for (account, credits) in swept {

@@ -370,6 +370,84 @@ async fn killed_connection_acknowledges_nothing_uncommitted() {
     assert_eq!(db.balance(1).await, START - 60);
 }
 
+/// The writer keeps its connection from batch to batch while requests
+/// keep coming. Connections cut between batches (a failover, an operator's
+/// `pg_terminate_backend`) cost at most the batch that finds them dead:
+/// those callers get UNAVAILABLE, the writer takes a fresh connection, the
+/// next requests succeed, and client retries with the same keys are
+/// exactly-once. Once idle, the writer gives its connection back, so the
+/// server stops without waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_cost_at_most_a_batch_and_heal() {
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let server = spawn_billing(&db).await;
+    let token = access_token(101, None);
+    let pg = match &db.db {
+        igny8_db::Db::Postgres(pool) => pool.clone(),
+        igny8_db::Db::Sqlite(_) => unreachable!(),
+    };
+    let mut c = server.billing(&token, None).await;
+    let mut next = 0;
+    let mut failed = Vec::new();
+    for round in 0..5 {
+        // Keep the writer busy, so its connection stays held.
+        for _ in 0..20 {
+            let key = format!("cut{next}");
+            next += 1;
+            if let Err(e) = c.deduct(deduct_credits(1, &key)).await {
+                assert_eq!(e.code(), Code::Unavailable, "round {round}: {e:?}");
+                failed.push(key);
+            }
+        }
+        // Cut every connection the server has, the writer's among them.
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+        )
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+        assert!(killed >= 1, "round {round}: nothing to cut");
+        // The batch after the cut may fail; the ones after it succeed.
+        let mut healed = false;
+        for _ in 0..3 {
+            let key = format!("cut{next}");
+            next += 1;
+            match c.deduct(deduct_credits(1, &key)).await {
+                Ok(_) => {
+                    healed = true;
+                    break;
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable, "round {round}: {e:?}");
+                    failed.push(key);
+                }
+            }
+        }
+        assert!(healed, "round {round}: the writer kept a dead connection");
+    }
+    assert!(
+        failed.len() <= 10,
+        "more than one failed batch per cut: {failed:?}"
+    );
+    for key in &failed {
+        c.deduct(deduct_credits(1, key)).await.unwrap();
+    }
+    let (sum, n) = db.ledger_sum(1).await;
+    assert_eq!((sum, n), (-next, next), "every key charged exactly once");
+    assert_eq!(db.balance(1).await, START - next);
+    // Idle now: the writer's connection goes back and the pool closes
+    // within its bound instead of timing out on it.
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = tokio::time::timeout(Duration::from_millis(1500), server.stop()).await;
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "server did not stop: {stopped:?}"
+    );
+}
+
 /// Holds an account's row lock (PostgreSQL) or the database write lock
 /// (SQLite) from a separate connection until released, so the writer's next
 /// batch waits.
