@@ -46,6 +46,15 @@ pub struct Args {
     )]
     pub scenarios: Vec<Scenario>,
 
+    /// Run every scenario this many times, interleaved (each round runs
+    /// every scenario once, in order), and report each scenario over all its
+    /// rounds pooled. On a shared machine whose speed drifts from one
+    /// second to the next, every scenario then samples the same stretches of
+    /// time as the baseline it is divided by. `--open-loop-at-half-peak`
+    /// rows run once, after the rounds, at half the pooled peak.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
+
     /// Open loop: start calls on a fixed schedule of this many per second
     /// (whatever the responses) instead of back to back, and measure each
     /// call's latency from its scheduled start.

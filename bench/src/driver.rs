@@ -181,6 +181,29 @@ impl Measurement {
     pub fn start_lag(&self, p: f64) -> Option<Duration> {
         nearest_rank(&self.start_lags_ns, p)
     }
+
+    /// Pools another run of the same scenario into this one: calls,
+    /// failures and measured time add up, latencies are merged.
+    pub fn absorb(&mut self, other: Measurement) {
+        self.ok += other.ok;
+        self.elapsed += other.elapsed;
+        self.latencies_ns.extend(other.latencies_ns);
+        self.latencies_ns.sort_unstable();
+        self.start_lags_ns.extend(other.start_lags_ns);
+        self.start_lags_ns.sort_unstable();
+        merge(&mut self.errors, other.errors);
+        for (label, message) in other.error_samples {
+            self.error_samples.entry(label).or_insert(message);
+        }
+        self.warmup_calls += other.warmup_calls;
+        merge(&mut self.warmup_errors, other.warmup_errors);
+        if self.charged.len() < other.charged.len() {
+            self.charged.resize(other.charged.len(), 0);
+        }
+        for (sum, n) in self.charged.iter_mut().zip(other.charged) {
+            *sum += n;
+        }
+    }
 }
 
 fn nearest_rank(sorted_ns: &[u64], p: f64) -> Option<Duration> {
@@ -530,6 +553,28 @@ mod tests {
         let unavailable = m.errors.get("UNAVAILABLE").copied().unwrap_or(0)
             + m.warmup_errors.get("UNAVAILABLE").copied().unwrap_or(0);
         assert_eq!(m.charged.iter().sum::<u64>(), 300 - unavailable);
+    }
+
+    #[test]
+    fn pooled_runs_add_up() {
+        let run = |ok: u64, ms: u64, latencies: &[u64]| Measurement {
+            ok,
+            elapsed: Duration::from_millis(ms),
+            latencies_ns: latencies.to_vec(),
+            errors: BTreeMap::from([("UNAVAILABLE", 1)]),
+            charged: vec![ok],
+            ..Default::default()
+        };
+        let mut pooled = run(2, 1000, &[5, 9]);
+        pooled.absorb(run(3, 500, &[1, 7, 8]));
+        assert_eq!(pooled.ok, 5);
+        assert_eq!(pooled.elapsed, Duration::from_millis(1500));
+        assert_eq!(pooled.latencies_ns, [1, 5, 7, 8, 9]);
+        assert_eq!(pooled.errors["UNAVAILABLE"], 2);
+        assert_eq!(pooled.charged, [5]);
+        // 5 calls over 1.5 s: the rate of the pooled time, not a mean of
+        // the two runs' rates (2/s and 6/s).
+        assert!((pooled.rate() - 5.0 / 1.5).abs() < 1e-9);
     }
 
     #[test]

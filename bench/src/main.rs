@@ -32,7 +32,7 @@ use crate::{
     driver::{Plan, drive, drive_open},
     report::{Mode, Report, ScenarioReport},
     scenarios::{
-        HOT_ACCOUNT, HOT_CREDITS, MODULES_ACCOUNT, SPREAD_CREDITS, baseline_callers,
+        HOT_ACCOUNT, HOT_CREDITS, MODULES_ACCOUNT, SPREAD_CREDITS, Verification, baseline_callers,
         check_module_callers, connect, cost_callers, deduct_hot_callers, deduct_module_callers,
         deduct_spread_callers, seed_hot, seed_modules, seed_spread, spread_accounts, verify,
     },
@@ -41,6 +41,10 @@ use crate::{
 fn main() -> ExitCode {
     let args = Args::parse();
     install_panic_hook();
+    // The log subscriber the service binaries install (RUST_LOG, text on
+    // stderr): without one, every span of every crate takes tracing's
+    // no-subscriber path, which is not what runs in production.
+    service_kit::telemetry::init(service_kit::config::LogFormat::Text);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -204,27 +208,59 @@ async fn run(args: &Args) -> Result<Report, String> {
         spread_charged: vec![0; scenarios::SPREAD_ACCOUNTS],
         module_charged: vec![0; 1],
     };
-    let mut reports = Vec::with_capacity(scenarios.len());
-    for scenario in scenarios.iter().copied() {
-        let addr = match scenario {
-            Scenario::Baseline => baseline.as_ref().expect("started above").addr,
-            Scenario::DeductHot | Scenario::DeductSpread | Scenario::Cost => addr_of(&billing),
-            Scenario::DeductHotUnbatched | Scenario::DeductSpreadUnbatched => addr_of(&unbatched),
-            Scenario::CheckModule => addr_of(&settings),
-            Scenario::DeductModule => addr_of(&billing_modules),
-        };
-        let first = match args.rate {
-            Some(rate) => Mode::Open { target_rate: rate },
-            None => Mode::Closed,
-        };
-        let report = bench.measure(scenario, addr, first).await?;
+    let addr_for = |scenario: Scenario| match scenario {
+        Scenario::Baseline => baseline.as_ref().expect("started above").addr,
+        Scenario::DeductHot | Scenario::DeductSpread | Scenario::Cost => addr_of(&billing),
+        Scenario::DeductHotUnbatched | Scenario::DeductSpreadUnbatched => addr_of(&unbatched),
+        Scenario::CheckModule => addr_of(&settings),
+        Scenario::DeductModule => addr_of(&billing_modules),
+    };
+    let first = match args.rate {
+        Some(rate) => Mode::Open { target_rate: rate },
+        None => Mode::Closed,
+    };
+    // Every scenario once per round, rounds interleaved; each scenario's
+    // runs pooled.
+    let mut pooled: Vec<Pooled> = Vec::with_capacity(scenarios.len());
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            progress(format!("round {round} of {}", args.rounds));
+        }
+        for (i, scenario) in scenarios.iter().copied().enumerate() {
+            let (m, verification) = bench.measure(scenario, addr_for(scenario), first).await?;
+            match pooled.get_mut(i) {
+                Some(p) => p.add(m, verification),
+                None => pooled.push(Pooled::new(scenario, m, verification)),
+            }
+        }
+    }
+    let mut reports = Vec::with_capacity(scenarios.len() * 2);
+    for p in pooled {
+        let scenario = p.scenario;
+        let mut report = ScenarioReport::new(
+            scenario.name(),
+            scenario.rpc(),
+            first,
+            p.total,
+            p.verification,
+        );
+        if args.rounds > 1 {
+            report.rounds_per_sec = p.rates;
+        }
         let half_peak = (args.open_loop_at_half_peak && scenario.deducts())
             .then_some(report.requests_per_sec / 2.0);
         reports.push(report);
         match half_peak {
             Some(rate) if rate > 0.0 => {
                 let open = Mode::Open { target_rate: rate };
-                reports.push(bench.measure(scenario, addr, open).await?);
+                let (m, verification) = bench.measure(scenario, addr_for(scenario), open).await?;
+                reports.push(ScenarioReport::new(
+                    scenario.name(),
+                    scenario.rpc(),
+                    open,
+                    m,
+                    verification,
+                ));
             }
             Some(_) => progress(format!(
                 "{}: no call succeeded, so there is no half-peak rate to run open loop at",
@@ -256,6 +292,7 @@ async fn run(args: &Args) -> Result<Report, String> {
         connections,
         args.warmup,
         args.duration,
+        args.rounds,
         reports,
     ))
 }
@@ -285,7 +322,7 @@ impl Bench<'_> {
         scenario: Scenario,
         addr: std::net::SocketAddr,
         mode: Mode,
-    ) -> Result<ScenarioReport, String> {
+    ) -> Result<(driver::Measurement, Option<Verification>), String> {
         let (callers, per) = match mode {
             Mode::Closed => (
                 self.args.concurrency as usize,
@@ -316,12 +353,12 @@ impl Bench<'_> {
         let channels = connect(addr, self.connections).await?;
         let run = self.runs;
         self.runs += 1;
-        let report = match scenario {
+        let (m, verification) = match scenario {
             Scenario::Baseline => {
                 let m = self
                     .drive(baseline_callers(&channels, callers, per), 0, mode)
                     .await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+                (m, None)
             }
             Scenario::DeductHot | Scenario::DeductHotUnbatched => {
                 let callers = deduct_hot_callers(&channels, callers, per, run);
@@ -329,7 +366,7 @@ impl Bench<'_> {
                 add(&mut self.hot_charged, &m.charged);
                 let db = self.db.expect("created above");
                 let v = verify(db, &[HOT_ACCOUNT], HOT_CREDITS, &self.hot_charged).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
+                (m, Some(v))
             }
             Scenario::DeductSpread | Scenario::DeductSpreadUnbatched => {
                 let accounts = spread_accounts();
@@ -338,18 +375,18 @@ impl Bench<'_> {
                 add(&mut self.spread_charged, &m.charged);
                 let db = self.db.expect("created above");
                 let v = verify(db, &accounts, SPREAD_CREDITS, &self.spread_charged).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
+                (m, Some(v))
             }
             Scenario::Cost => {
                 let m = self
                     .drive(cost_callers(&channels, callers, per), 0, mode)
                     .await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+                (m, None)
             }
             Scenario::CheckModule => {
                 let callers = check_module_callers(&channels, callers, per);
                 let m = self.drive(callers, 0, mode).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, None)
+                (m, None)
             }
             Scenario::DeductModule => {
                 let callers = deduct_module_callers(&channels, callers, per);
@@ -357,24 +394,24 @@ impl Bench<'_> {
                 add(&mut self.module_charged, &m.charged);
                 let db = self.db.expect("created above");
                 let v = verify(db, &[MODULES_ACCOUNT], HOT_CREDITS, &self.module_charged).await;
-                ScenarioReport::new(scenario.name(), scenario.rpc(), mode, m, Some(v))
+                (m, Some(v))
             }
         };
+        let label = match mode {
+            Mode::Closed => scenario.name().to_owned(),
+            Mode::Open { target_rate } => format!("{} open@{target_rate:.0}/s", scenario.name()),
+        };
         progress(format!(
-            "{}: {:.1} req/s, {} ok, {} errors{}",
-            report.label(),
-            report.requests_per_sec,
-            report.requests,
-            report.error_count,
-            report
-                .verification
-                .as_ref()
-                .map_or(String::new(), |v| format!(
-                    ", verification {}",
-                    if v.passed { "passed" } else { "FAILED" }
-                ))
+            "{label}: {:.1} req/s, {} ok, {} errors{}",
+            m.rate(),
+            m.ok,
+            m.error_count(),
+            verification.as_ref().map_or(String::new(), |v| format!(
+                ", verification {}",
+                if v.passed { "passed" } else { "FAILED" }
+            ))
         ));
-        Ok(report)
+        Ok((m, verification))
     }
 
     async fn drive<C: driver::Caller>(
@@ -388,6 +425,36 @@ impl Bench<'_> {
             Mode::Open { target_rate } => {
                 drive_open(callers, accounts, self.plan, target_rate).await
             }
+        }
+    }
+}
+
+/// One scenario's runs over the rounds.
+struct Pooled {
+    scenario: Scenario,
+    total: driver::Measurement,
+    /// The latest verification, or the first that failed.
+    verification: Option<Verification>,
+    /// Each round's throughput, in order.
+    rates: Vec<f64>,
+}
+
+impl Pooled {
+    fn new(scenario: Scenario, m: driver::Measurement, verification: Option<Verification>) -> Self {
+        Self {
+            scenario,
+            rates: vec![m.rate()],
+            total: m,
+            verification,
+        }
+    }
+
+    fn add(&mut self, m: driver::Measurement, verification: Option<Verification>) {
+        self.rates.push(m.rate());
+        self.total.absorb(m);
+        // A later check covers every deduct so far; a failed one stays.
+        if self.verification.as_ref().is_none_or(|v| v.passed) {
+            self.verification = verification.or(self.verification.take());
         }
     }
 }

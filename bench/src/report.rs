@@ -21,8 +21,11 @@ pub struct Report {
     pub connections: usize,
     /// Warm-up per scenario, seconds.
     pub warmup_secs: f64,
-    /// Measured time per scenario, seconds.
+    /// Measured time per scenario and round, seconds.
     pub duration_secs: f64,
+    /// Rounds each closed-loop scenario ran (`--rounds`), interleaved and
+    /// pooled.
+    pub rounds: u32,
     /// CPUs available to this process.
     pub cpus: usize,
     /// One entry per scenario, in run order.
@@ -76,8 +79,11 @@ pub struct ScenarioReport {
     pub requests: u64,
     /// Length of the measured window, seconds.
     pub elapsed_secs: f64,
-    /// `requests / elapsed_secs`.
+    /// `requests / elapsed_secs`: over every round pooled.
     pub requests_per_sec: f64,
+    /// With `--rounds` > 1: each round's throughput, in order; empty
+    /// otherwise.
+    pub rounds_per_sec: Vec<f64>,
     /// `requests_per_sec` divided by baseline's from the same run; null when
     /// baseline was not run.
     pub ratio_to_baseline: Option<f64>,
@@ -156,6 +162,7 @@ impl ScenarioReport {
             requests: m.ok,
             elapsed_secs: m.elapsed.as_secs_f64(),
             requests_per_sec: m.rate(),
+            rounds_per_sec: Vec::new(),
             ratio_to_baseline: None,
             latency_ms,
             error_count: m.error_count(),
@@ -184,6 +191,7 @@ impl Report {
         connections: usize,
         warmup: Duration,
         duration: Duration,
+        rounds: u32,
         mut scenarios: Vec<ScenarioReport>,
     ) -> Self {
         let baseline = scenarios
@@ -226,6 +234,7 @@ impl Report {
             connections,
             warmup_secs: warmup.as_secs_f64(),
             duration_secs: duration.as_secs_f64(),
+            rounds,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             scenarios,
             batching_gains,
@@ -243,13 +252,18 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "igny8-bench {}: backend {}, {} callers on {} connection(s), warm-up {}s + {}s measured per scenario, {} CPU(s)",
+            "igny8-bench {}: backend {}, {} callers on {} connection(s), warm-up {}s + {}s measured per scenario{}, {} CPU(s)",
             self.version,
             self.backend,
             self.concurrency,
             self.connections,
             self.warmup_secs,
             self.duration_secs,
+            if self.rounds > 1 {
+                format!(" and round, {} rounds interleaved and pooled", self.rounds)
+            } else {
+                String::new()
+            },
             self.cpus
         );
         let _ = writeln!(out);
@@ -319,6 +333,13 @@ impl Report {
                 "batching {}: {:.1}× the same scenario with IGNY8_LEDGER_MAX_BATCH=1 ({:.1} vs {:.1} req/s)",
                 g.scenario, g.ratio, g.batched_per_sec, g.unbatched_per_sec
             );
+        }
+        for s in &self.scenarios {
+            if !s.rounds_per_sec.is_empty() {
+                let rates: Vec<String> =
+                    s.rounds_per_sec.iter().map(|r| format!("{r:.0}")).collect();
+                let _ = writeln!(out, "rounds   {}: {} req/s", s.label(), rates.join(", "));
+            }
         }
         for s in &self.scenarios {
             if let Some(lag) = s.start_lag_ms {

@@ -258,6 +258,56 @@ fn open_loop_at_half_the_measured_peak() {
 }
 
 #[test]
+fn rounds_run_interleaved_and_pool_into_one_row_per_scenario() {
+    let report = bench_with(
+        "sqlite",
+        "baseline,deduct-hot,cost",
+        &["--rounds", "2", "--open-loop-at-half-peak"],
+    );
+    assert_eq!(report["rounds"], 2);
+    let s = report["scenarios"].as_array().expect("scenarios");
+    let rows: Vec<(&str, &str)> = s
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap(),
+                s["load"]["mode"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // One pooled row per scenario; the open-loop row runs once, after.
+    assert_eq!(
+        rows,
+        [
+            ("baseline", "closed"),
+            ("deduct-hot", "closed"),
+            ("deduct-hot", "open"),
+            ("cost", "closed")
+        ]
+    );
+    for row in s {
+        assert_scenario_sound(row);
+        let rounds = row["rounds_per_sec"].as_array().expect("rounds_per_sec");
+        if row["load"]["mode"] == "closed" {
+            // Two 1 s rounds: pooled over about 2 s, between the two rates.
+            assert_eq!(rounds.len(), 2, "{row:#}");
+            assert!(number(row, "elapsed_secs") >= 2.0, "{row:#}");
+            let rates: Vec<f64> = rounds.iter().map(|r| r.as_f64().unwrap()).collect();
+            let pooled = number(row, "requests_per_sec");
+            let (lo, hi) = (rates[0].min(rates[1]), rates[0].max(rates[1]));
+            assert!(lo * 0.999 <= pooled && pooled <= hi * 1.001, "{row:#}");
+        } else {
+            assert!(rounds.is_empty(), "{row:#}");
+            let peak = number(&s[1], "requests_per_sec");
+            assert!((number(&row["load"], "target_rate") - peak / 2.0).abs() < 1e-9);
+        }
+    }
+    // Both rounds' deducts are in the verified balance.
+    assert!(number(&s[1]["verification"], "successful_deducts") >= number(&s[1], "requests"));
+    assert_eq!(report["verification_passed"], true);
+}
+
+#[test]
 fn bad_arguments_are_refused_with_a_clear_message() {
     let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
         .args(["--scenarios", "baseline,deduct-everything"])
@@ -278,6 +328,17 @@ fn bad_arguments_are_refused_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("--duration") && stderr.contains("greater than zero"),
+        "{stderr}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
+        .args(["--rounds", "0"])
+        .output()
+        .expect("igny8-bench runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--rounds") && stderr.contains("1..=20"),
         "{stderr}"
     );
 }
