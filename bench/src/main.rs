@@ -389,7 +389,7 @@ impl Bench<'_> {
                 (m, None)
             }
             Scenario::DeductModule => {
-                let callers = deduct_module_callers(&channels, callers, per);
+                let callers = deduct_module_callers(&channels, callers, per, run);
                 let m = self.drive(callers, 1, mode).await;
                 add(&mut self.module_charged, &m.charged);
                 let db = self.db.expect("created above");

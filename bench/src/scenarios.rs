@@ -319,10 +319,12 @@ pub async fn seed_modules(db: &TestDb, callers: usize) {
 pub struct ModuleDeductCaller(DeductCaller);
 
 /// `deduct-module` callers: caller `i` is editor `i` of the modules account.
+/// `run` makes idempotency keys unique across runs on one database.
 pub fn deduct_module_callers(
     channels: &[Channel],
     callers: usize,
     per: usize,
+    run: usize,
 ) -> Vec<ModuleDeductCaller> {
     (0..callers)
         .map(|i| {
@@ -334,7 +336,7 @@ pub fn deduct_module_callers(
                     auth: bearer(MODULES_EDITORS + i as i64, MODULES_ACCOUNT),
                 }]),
                 rng: seed(i),
-                key_prefix: format!("bench-modules-{i}-"),
+                key_prefix: format!("bench-modules-{run}-{i}-"),
                 seq: 0,
             })
         })

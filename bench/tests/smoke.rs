@@ -261,7 +261,7 @@ fn open_loop_at_half_the_measured_peak() {
 fn rounds_run_interleaved_and_pool_into_one_row_per_scenario() {
     let report = bench_with(
         "sqlite",
-        "baseline,deduct-hot,cost",
+        "baseline,deduct-hot,cost,deduct-module",
         &["--rounds", "2", "--open-loop-at-half-peak"],
     );
     assert_eq!(report["rounds"], 2);
@@ -282,10 +282,12 @@ fn rounds_run_interleaved_and_pool_into_one_row_per_scenario() {
             ("baseline", "closed"),
             ("deduct-hot", "closed"),
             ("deduct-hot", "open"),
-            ("cost", "closed")
+            ("cost", "closed"),
+            ("deduct-module", "closed")
         ]
     );
     for row in s {
+        // Sound: also no replayed key in a later round.
         assert_scenario_sound(row);
         let rounds = row["rounds_per_sec"].as_array().expect("rounds_per_sec");
         if row["load"]["mode"] == "closed" {
