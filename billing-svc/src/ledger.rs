@@ -242,7 +242,9 @@ macro_rules! hold_columns {
 const PAGE: &str = concat!(
     "SELECT ",
     ledger_columns!(),
-    " FROM credit_ledger WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+    // `id > 0` is always true; it lets PostgreSQL use the partial
+    // newest-first index (migration 0007).
+    " FROM credit_ledger WHERE account_id = $1 AND id > 0 AND id < $2 ORDER BY id DESC LIMIT $3"
 );
 
 const BALANCE: &str = "SELECT credits, CAST(COALESCE((SELECT SUM(h.credits) FROM credit_holds h \

@@ -448,6 +448,76 @@ async fn cut_connections_cost_at_most_a_batch_and_heal() {
     );
 }
 
+/// Idempotency-key lookups can only probe the unique index. On a fresh,
+/// never-analysed ledger the planner costs every index alike, and a
+/// connection keeps the generic plan it made then while the table grows: a
+/// lookup planned on the newest-first index scanned every row of the
+/// account per key (one hot account slowed ~10×). The newest-first index is
+/// partial (`id > 0`, true of every row), so only the transaction pages,
+/// which say `id > 0`, can use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_lookups_can_only_probe_the_unique_index() {
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let igny8_db::Db::Postgres(pg) = &db.db else {
+        unreachable!()
+    };
+    let mut conn = pg.acquire().await.unwrap();
+    async fn plan(conn: &mut sqlx::PgConnection, statement: &str) -> String {
+        let lines: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE {statement}")))
+                .fetch_all(conn)
+                .await
+                .unwrap();
+        lines.join("\n")
+    }
+    for step in [
+        // The plan a connection would keep whatever the arguments.
+        "SET plan_cache_mode = force_generic_plan",
+        "PREPARE one(bigint, text, text) AS SELECT id FROM credit_ledger \
+         WHERE account_id = $1 AND kind = $2 AND idempotency_key = $3",
+        // The writer's batch lookup: one probe per key.
+        "PREPARE batch(bigint[], text[], text[]) AS SELECT t.* \
+         FROM unnest($1, $2, $3) AS k(k0, k1, k2) CROSS JOIN LATERAL \
+         (SELECT id FROM credit_ledger WHERE account_id = k.k0 AND kind = k.k1 \
+         AND idempotency_key = k.k2 OFFSET 0) AS t",
+        "PREPARE page(bigint, bigint, bigint) AS SELECT id FROM credit_ledger \
+         WHERE account_id = $1 AND id > 0 AND id < $2 ORDER BY id DESC LIMIT $3",
+    ] {
+        sqlx::query(step).execute(&mut *conn).await.unwrap();
+    }
+    for rows in [0, 20_000] {
+        if rows > 0 {
+            // Grown, still never analysed.
+            sqlx::query(
+                "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
+                 idempotency_key, request_hash, actor, created_at) \
+                 SELECT 1, 'grant', 1, g, 'k' || g, 'h', 'test', now() \
+                 FROM generate_series(1, $1) g",
+            )
+            .bind(rows)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+        for lookup in [
+            "one(1, 'deduct', 'x')",
+            "batch(ARRAY[1, 1]::bigint[], ARRAY['deduct', 'deduct'], ARRAY['x', 'y'])",
+        ] {
+            let plan = plan(&mut conn, lookup).await;
+            assert!(
+                plan.contains("credit_ledger_idempotency") && !plan.contains("pages_idx"),
+                "{rows} rows, {lookup}:\n{plan}"
+            );
+        }
+        let page = plan(&mut conn, "page(1, 9223372036854775807, 50)").await;
+        assert!(
+            page.contains("credit_ledger_account_pages_idx"),
+            "{rows} rows:\n{page}"
+        );
+    }
+}
+
 /// Holds an account's row lock (PostgreSQL) or the database write lock
 /// (SQLite) from a separate connection until released, so the writer's next
 /// batch waits.
