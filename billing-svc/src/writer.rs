@@ -3,9 +3,10 @@
 //!
 //! Every request that changes a balance or a hold (Deduct, Grant, Reserve,
 //! CaptureHold, ReleaseHold, Refund) is queued here. A writer task per shard
-//! of accounts takes whatever is waiting (up to `max_batch`; no timer: while
-//! one batch commits the next one gathers) and applies it in **one**
-//! transaction with a constant number of statements:
+//! of accounts (all of them on one thread and runtime of their own, see
+//! [`Writer::start_with_clock`]) takes whatever is waiting (up to
+//! `max_batch`; no timer: while one batch commits the next one gathers) and
+//! applies it in **one** transaction with a constant number of statements:
 //!
 //! 1. lock the batch's accounts, in id order (`SELECT … FOR UPDATE` on
 //!    PostgreSQL; `BEGIN IMMEDIATE` on SQLite), so batches of several
@@ -288,33 +289,84 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// Starts one writer task per shard on the current Tokio runtime.
+    /// Starts one writer task per shard, on the writer's own thread.
     pub fn start(db: Db, config: WriterConfig) -> Self {
         Self::start_with_clock(db, config, system_clock())
     }
 
     /// [`Writer::start`] with a given clock.
+    ///
+    /// The shard tasks run on a thread and Tokio runtime of their own, with
+    /// a pool of their own (one connection per shard, made on that runtime
+    /// from `db`'s options). On the service's runtime the writer task waited
+    /// behind every call task at each of a batch's round trips: a batch that
+    /// answered many callers woke as many tasks ahead of its own next step.
+    /// Measured on 2 vCPUs (same session, same bench): one account at 32
+    /// callers ran at ~15k deducts/s on its own thread against ~11k, and at
+    /// 128 callers ~24k against ~14k. The thread ends, closing its pool,
+    /// once every handle is dropped and the queues are empty.
     pub fn start_with_clock(db: Db, config: WriterConfig, clock: Clock) -> Self {
         let on_commit: Arc<Mutex<Option<OnCommit>>> = Arc::default();
         let metrics = WriterMetrics::default();
-        let shards = (0..config.shards.max(1))
+        let shard_count = config.shards.max(1);
+        let mut queues = Vec::with_capacity(shard_count);
+        let shards = (0..shard_count)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
                 let waiting: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
-                tokio::spawn(run_shard(
-                    rx,
-                    ShardContext {
-                        db: db.clone(),
-                        max_batch: config.max_batch.max(1),
-                        waiting: waiting.clone(),
-                        on_commit: on_commit.clone(),
-                        clock: clock.clone(),
-                        metrics: metrics.clone(),
-                    },
-                ));
+                queues.push((rx, waiting.clone()));
                 Shard { tx, waiting }
             })
             .collect();
+        let hook = on_commit.clone();
+        let shard_metrics = metrics.clone();
+        let max_batch = config.max_batch.max(1);
+        let run = move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    // Dropping the queues answers every request with
+                    // UNAVAILABLE (LEDGER_WRITE_FAILED).
+                    tracing::error!(error = %e, "ledger writer: cannot start its runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let own = db.sibling(u32::try_from(shard_count).unwrap_or(u32::MAX));
+                let tasks: Vec<_> = queues
+                    .into_iter()
+                    .map(|(rx, waiting)| {
+                        tokio::spawn(run_shard(
+                            rx,
+                            ShardContext {
+                                db: own.clone(),
+                                max_batch,
+                                waiting,
+                                on_commit: hook.clone(),
+                                clock: clock.clone(),
+                                metrics: shard_metrics.clone(),
+                            },
+                        ))
+                    })
+                    .collect();
+                for task in tasks {
+                    if let Err(e) = task.await {
+                        tracing::error!(error = %e, "ledger writer shard stopped");
+                    }
+                }
+                own.close().await;
+            });
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(run)
+        {
+            // As above: the queues are gone, so requests fail, not hang.
+            tracing::error!(error = %e, "ledger writer: cannot start its thread");
+        }
         Self {
             shards: Arc::new(shards),
             config,

@@ -294,6 +294,28 @@ impl Db {
     pub async fn close(&self) {
         on_pool!(self, pool => pool.close().await);
     }
+
+    /// A new pool of at most `max_connections`, connecting lazily with this
+    /// pool's options (the same URL, TLS and session settings, the same
+    /// acquire time-out). A connection's I/O is driven by the Tokio runtime
+    /// it was opened on, so a task running on a runtime of its own (the
+    /// ledger writer) takes its connections from a sibling made there.
+    pub fn sibling(&self, max_connections: u32) -> Self {
+        match self {
+            Db::Postgres(pool) => Db::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(pool.options().get_acquire_timeout())
+                    .connect_lazy_with((*pool.connect_options()).clone()),
+            ),
+            Db::Sqlite(pool) => Db::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(pool.options().get_acquire_timeout())
+                    .connect_lazy_with((*pool.connect_options()).clone()),
+            ),
+        }
+    }
 }
 
 /// Opening a transaction that will write, the right way for each backend.
