@@ -466,7 +466,7 @@ async fn run_shard(mut rx: mpsc::Receiver<Job>, cx: ShardContext) {
                 Ok(received) => received,
                 Err(_idle) => {
                     // Nothing to write for a while: give the connection
-                    // back (a draining server closes its pool).
+                    // back (the pool checks it before the next batch).
                     held.release();
                     rx.recv_many(&mut jobs, cx.max_batch).await
                 }
@@ -1761,8 +1761,9 @@ impl Held {
     }
 }
 
-/// How long a writer keeps its connection with nothing to write. Short, so
-/// a draining server's pool closes without waiting for it.
+/// How long a writer keeps its connection with nothing to write. Given
+/// back, a connection is pinged by the pool before its next batch, so one
+/// cut while the writer was idle costs no failed batch.
 const IDLE_RELEASE: Duration = Duration::from_millis(50);
 
 /// Begins a batch's transaction on the held connection, taking one from
