@@ -397,10 +397,7 @@ impl Bench<'_> {
                 (m, Some(v))
             }
         };
-        let label = match mode {
-            Mode::Closed => scenario.name().to_owned(),
-            Mode::Open { target_rate } => format!("{} open@{target_rate:.0}/s", scenario.name()),
-        };
+        let label = mode.label(scenario.name());
         progress(format!(
             "{label}: {:.1} req/s, {} ok, {} errors{}",
             m.rate(),

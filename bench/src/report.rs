@@ -63,6 +63,17 @@ pub enum Mode {
     },
 }
 
+impl Mode {
+    /// `name`, with the open-loop rate when there is one (`deduct-hot
+    /// open@5000/s`).
+    pub fn label(self, name: &str) -> String {
+        match self {
+            Mode::Closed => name.to_owned(),
+            Mode::Open { target_rate } => format!("{name} open@{target_rate:.0}/s"),
+        }
+    }
+}
+
 /// One scenario's numbers.
 #[derive(Debug, Serialize)]
 pub struct ScenarioReport {
@@ -176,10 +187,7 @@ impl ScenarioReport {
 
     /// The scenario's name, with the open-loop rate when there is one.
     pub fn label(&self) -> String {
-        match self.load {
-            Mode::Closed => self.name.to_owned(),
-            Mode::Open { target_rate } => format!("{} open@{target_rate:.0}/s", self.name),
-        }
+        self.load.label(self.name)
     }
 }
 

@@ -222,11 +222,9 @@ fn open_loop_at_a_fixed_rate() {
     }
 }
 
-#[test]
-fn open_loop_at_half_the_measured_peak() {
-    let report = bench_with("sqlite", "deduct-hot,cost", &["--open-loop-at-half-peak"]);
-    let s = report["scenarios"].as_array().expect("scenarios");
-    let rows: Vec<(&str, &str)> = s
+/// Each row's scenario name and load mode (`closed` or `open`), in order.
+fn rows(scenarios: &[Value]) -> Vec<(&str, &str)> {
+    scenarios
         .iter()
         .map(|s| {
             (
@@ -234,7 +232,14 @@ fn open_loop_at_half_the_measured_peak() {
                 s["load"]["mode"].as_str().unwrap(),
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn open_loop_at_half_the_measured_peak() {
+    let report = bench_with("sqlite", "deduct-hot,cost", &["--open-loop-at-half-peak"]);
+    let s = report["scenarios"].as_array().expect("scenarios");
+    let rows = rows(s);
     // Only the deduct scenario gets the extra open-loop run.
     assert_eq!(
         rows,
@@ -266,15 +271,7 @@ fn rounds_run_interleaved_and_pool_into_one_row_per_scenario() {
     );
     assert_eq!(report["rounds"], 2);
     let s = report["scenarios"].as_array().expect("scenarios");
-    let rows: Vec<(&str, &str)> = s
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap(),
-                s["load"]["mode"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let rows = rows(s);
     // One pooled row per scenario; the open-loop row runs once, after.
     assert_eq!(
         rows,
@@ -309,36 +306,29 @@ fn rounds_run_interleaved_and_pool_into_one_row_per_scenario() {
     assert_eq!(report["verification_passed"], true);
 }
 
-#[test]
-fn bad_arguments_are_refused_with_a_clear_message() {
+/// Runs the binary with `args`, which it must refuse; returns its stderr.
+fn refused(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
-        .args(["--scenarios", "baseline,deduct-everything"])
+        .args(args)
         .output()
         .expect("igny8-bench runs");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_clear_message() {
+    let stderr = refused(&["--scenarios", "baseline,deduct-everything"]);
     assert!(
         stderr.contains("deduct-everything") && stderr.contains("deduct-hot"),
         "{stderr}"
     );
-
-    let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
-        .args(["--duration", "0s"])
-        .output()
-        .expect("igny8-bench runs");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&["--duration", "0s"]);
     assert!(
         stderr.contains("--duration") && stderr.contains("greater than zero"),
         "{stderr}"
     );
-
-    let out = Command::new(env!("CARGO_BIN_EXE_igny8-bench"))
-        .args(["--rounds", "0"])
-        .output()
-        .expect("igny8-bench runs");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&["--rounds", "0"]);
     assert!(
         stderr.contains("--rounds") && stderr.contains("1..=20"),
         "{stderr}"

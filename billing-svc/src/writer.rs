@@ -39,7 +39,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use igny8_db::{Backend, Db, on_pool};
+use igny8_db::{Backend, BeginWrite, Db, on_pool};
 use sqlx::{SqlSafeStr as _, pool::PoolConnection};
 use tokio::sync::{mpsc, oneshot};
 
@@ -504,14 +504,7 @@ async fn process(cx: &ShardContext, held: &mut Held, batch: Vec<Job>) -> Vec<i64
     let (db, clock, metrics) = (&cx.db, &cx.clock, &cx.metrics);
     let requests: Vec<(i64, &Op)> = batch.iter().map(|j| (j.account, &j.op)).collect();
     let size = batch.len();
-    let result = apply_batch(db, held, &requests, clock).await;
-    if let Err(e) = &result
-        && igny8_db::is_unavailable(e)
-    {
-        // The connection may be gone: the next batch takes a checked one.
-        held.release();
-    }
-    match result {
+    match apply_batch(db, held, &requests, clock).await {
         Ok((answers, changed)) => {
             metrics.batches.inc();
             metrics.requests.inc_by(size as u64);
@@ -539,9 +532,6 @@ async fn process(cx: &ShardContext, held: &mut Held, batch: Vec<Job>) -> Vec<i64
                     }
                     Err(e) => {
                         metrics.failures.inc();
-                        if igny8_db::is_unavailable(&e) {
-                            held.release();
-                        }
                         Err(batch_error(e))
                     }
                 };
@@ -1249,11 +1239,8 @@ impl Sql {
 }
 
 /// The database side of [`Sql`]: its values as one backend's arguments,
-/// and how a batch's transaction starts.
+/// and where a writer keeps its connection.
 trait BatchDb: sqlx::Database {
-    /// Starts a batch's transaction: `BEGIN IMMEDIATE` on SQLite takes the
-    /// write lock at once, so a batch never fails to upgrade a read lock.
-    const BEGIN: &'static str;
     fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError>;
     /// This backend's slot in a writer's [`Held`] connection.
     fn held(held: &mut Held) -> &mut Option<PoolConnection<Self>>;
@@ -1262,9 +1249,8 @@ trait BatchDb: sqlx::Database {
 /// [`BatchDb`] for a backend: scalars bind the same way on both, `$arrays`
 /// says what becomes of the array columns.
 macro_rules! batch_db {
-    ($db:ty, $begin:literal, $slot:ident, $arrays:expr) => {
+    ($db:ty, $slot:ident, $arrays:expr) => {
         impl BatchDb for $db {
-            const BEGIN: &'static str = $begin;
             fn held(held: &mut Held) -> &mut Option<PoolConnection<Self>> {
                 &mut held.$slot
             }
@@ -1291,7 +1277,6 @@ macro_rules! batch_db {
 
 batch_db!(
     sqlx::Postgres,
-    "BEGIN",
     postgres,
     |out: &mut sqlx::postgres::PgArguments, array: Arg| {
         use sqlx::Arguments as _;
@@ -1305,7 +1290,6 @@ batch_db!(
 );
 batch_db!(
     sqlx::Sqlite,
-    "BEGIN IMMEDIATE",
     sqlite,
     |_: &mut sqlx::sqlite::SqliteArguments, _: Arg| -> Result<(), sqlx::error::BoxDynError> {
         Err("array arguments are built only for PostgreSQL".into())
@@ -1767,21 +1751,43 @@ impl Held {
 const IDLE_RELEASE: Duration = Duration::from_millis(50);
 
 /// Begins a batch's transaction on the held connection, taking one from
-/// the pool (which pings it first) when none is held.
+/// the pool (which pings it first) when none is held. The statement is the
+/// pool's [`BeginWrite::BEGIN`] (`BEGIN IMMEDIATE` on SQLite).
 async fn begin_batch<'c, DB: BatchDb>(
     pool: &sqlx::Pool<DB>,
     held: &'c mut Option<PoolConnection<DB>>,
-) -> Result<sqlx::Transaction<'c, DB>, sqlx::Error> {
+) -> Result<sqlx::Transaction<'c, DB>, sqlx::Error>
+where
+    sqlx::Pool<DB>: BeginWrite,
+{
     let conn = match held {
         Some(conn) => conn,
         None => held.insert(pool.acquire().await?),
     };
-    sqlx::Transaction::begin(&mut **conn, Some(DB::BEGIN.into_sql_str())).await
+    let begin = <sqlx::Pool<DB> as BeginWrite>::BEGIN;
+    sqlx::Transaction::begin(&mut **conn, Some(begin.into_sql_str())).await
 }
 
 /// One transaction for the whole batch. `Err` means it was rolled back and
-/// nothing in it happened.
+/// nothing in it happened; after a connection-level error the held
+/// connection is let go, so the next batch takes one the pool has checked.
 async fn apply_batch(
+    db: &Db,
+    held: &mut Held,
+    requests: &[(i64, &Op)],
+    clock: &Clock,
+) -> Result<(Answers, Vec<i64>), sqlx::Error> {
+    let result = apply_on(db, held, requests, clock).await;
+    if let Err(e) = &result
+        && igny8_db::is_unavailable(e)
+    {
+        held.release();
+    }
+    result
+}
+
+/// [`apply_batch`] on the held connection.
+async fn apply_on(
     db: &Db,
     held: &mut Held,
     requests: &[(i64, &Op)],

@@ -328,6 +328,9 @@ impl Db {
 pub trait BeginWrite {
     /// The database type.
     type Database: sqlx::Database;
+    /// The statement that opens a writing transaction (`BEGIN IMMEDIATE` on
+    /// SQLite), for callers that begin on a connection they hold.
+    const BEGIN: &'static str;
     /// Begins a transaction that is allowed to write.
     fn begin_write(
         &self,
@@ -338,15 +341,17 @@ pub trait BeginWrite {
 
 impl BeginWrite for PgPool {
     type Database = sqlx::Postgres;
+    const BEGIN: &'static str = "BEGIN";
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        self.begin().await
+        self.begin_with(Self::BEGIN).await
     }
 }
 
 impl BeginWrite for SqlitePool {
     type Database = sqlx::Sqlite;
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.begin_with("BEGIN IMMEDIATE").await
+        self.begin_with(Self::BEGIN).await
     }
 }
 
