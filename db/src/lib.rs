@@ -300,13 +300,19 @@ impl Db {
     /// acquire time-out). A connection's I/O is driven by the Tokio runtime
     /// it was opened on, so a task running on a runtime of its own (the
     /// ledger writer) takes its connections from a sibling made there.
-    pub fn sibling(&self, max_connections: u32) -> Self {
+    /// `postgres_settings` are further session settings for its PostgreSQL
+    /// connections (sent at connect, like the bounds); SQLite has none.
+    pub fn sibling(&self, max_connections: u32, postgres_settings: &[(&str, &str)]) -> Self {
         match self {
             Db::Postgres(pool) => Db::Postgres(
                 PgPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(pool.options().get_acquire_timeout())
-                    .connect_lazy_with((*pool.connect_options()).clone()),
+                    .connect_lazy_with(
+                        (*pool.connect_options())
+                            .clone()
+                            .options(postgres_settings.iter().copied()),
+                    ),
             ),
             Db::Sqlite(pool) => Db::Sqlite(
                 SqlitePoolOptions::new()

@@ -518,6 +518,74 @@ async fn key_lookups_can_only_probe_the_unique_index() {
     }
 }
 
+/// Every statement of the ledger writer, planned as its connections plan
+/// them (one generic plan per connection, kept while the tables grow),
+/// reads and writes through index probes: planned on a nearly empty,
+/// never-analysed database, and still so once the ledger, the holds and the
+/// accounts have grown (the plan is the one made first). Without the
+/// writer's session settings, four of them planned a sequential scan on
+/// the empty tables and kept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_statements_plan_as_index_probes() {
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let igny8_db::Db::Postgres(pg) = &db.db else {
+        unreachable!()
+    };
+    let mut conn = pg.acquire().await.unwrap();
+    for (name, value) in billing_svc::writer::WRITER_SESSION {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET {name} = '{value}'")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let statements = billing_svc::writer::postgres_statements();
+    for (i, text) in statements.iter().enumerate() {
+        sqlx::query(sqlx::AssertSqlSafe(format!("PREPARE w{i} AS {text}")))
+            .execute(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+    let mut scans = Vec::new();
+    for grown in [false, true] {
+        if grown {
+            for step in [
+                "INSERT INTO accounts (id, name, status, credits, created_at, updated_at) \
+                 SELECT g, 'a' || g, 'active', 1000, now(), now() FROM generate_series(1000, 20999) g",
+                "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
+                 idempotency_key, request_hash, actor, created_at) \
+                 SELECT 1, 'grant', 1, g, 'k' || g, 'h', 'test', now() FROM generate_series(1, 20000) g",
+                "INSERT INTO credit_holds (id, account_id, state, credits, idempotency_key, \
+                 request_hash, actor, created_at, expires_at_us, closed_at) \
+                 SELECT 'hold_' || g, 1, 'released', 1, 'r' || g, 'h', 'test', now(), 0, now() \
+                 FROM generate_series(1, 20000) g",
+            ] {
+                sqlx::query(step).execute(&mut *conn).await.unwrap();
+            }
+        }
+        for (i, text) in statements.iter().enumerate() {
+            let params = (1..)
+                .take_while(|n| text.contains(&format!("${n}")))
+                .count();
+            let nulls = vec!["NULL"; params].join(", ");
+            let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN EXECUTE w{i}({nulls})"
+            )))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+            let plan = lines.join("\n");
+            if ["Seq Scan", "Hash Join", "Merge Join", "pages_idx"]
+                .iter()
+                .any(|bad| plan.contains(bad))
+            {
+                scans.push(format!("grown: {grown}\n{text}\n{plan}"));
+            }
+        }
+    }
+    assert!(scans.is_empty(), "{}", scans.join("\n\n"));
+}
+
 /// Holds an account's row lock (PostgreSQL) or the database write lock
 /// (SQLite) from a separate connection until released, so the writer's next
 /// batch waits.
