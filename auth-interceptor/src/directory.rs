@@ -64,6 +64,21 @@ pub trait Directory: Send + Sync + 'static {
     async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError>;
     /// The account with this id, if any.
     async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError>;
+    /// The user with this id and, when they belong to one, their current
+    /// account: what a user's request on their own account needs. A
+    /// directory that can read both at once should override this; the
+    /// default reads the user, then the account.
+    async fn user_with_account(
+        &self,
+        id: i64,
+    ) -> Result<(Option<UserRecord>, Option<AccountRecord>), DirectoryError> {
+        let user = self.user(id).await?;
+        let account = match user.as_ref().and_then(|u| u.account_id) {
+            Some(account) => self.account(account).await?,
+            None => None,
+        };
+        Ok((user, account))
+    }
 }
 
 #[async_trait]
@@ -73,6 +88,12 @@ impl<D: Directory + ?Sized> Directory for Arc<D> {
     }
     async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError> {
         (**self).account(id).await
+    }
+    async fn user_with_account(
+        &self,
+        id: i64,
+    ) -> Result<(Option<UserRecord>, Option<AccountRecord>), DirectoryError> {
+        (**self).user_with_account(id).await
     }
 }
 
@@ -108,14 +129,47 @@ impl Directory for SqlDirectory {
         let row: Option<(i64, String)> =
             on_pool!(&self.db, pool => sqlx::query_as(SQL).bind(id).fetch_optional(pool).await)
                 .map_err(unavailable)?;
-        Ok(row.map(|(id, status)| AccountRecord {
-            id,
-            status: if status == "active" {
-                AccountStatus::Active
-            } else {
-                AccountStatus::Suspended
-            },
-        }))
+        Ok(row.map(|(id, status)| account_record(id, &status)))
+    }
+
+    /// One read: the user joined to their account.
+    #[tracing::instrument(level = "debug", skip(self), err)]
+    async fn user_with_account(
+        &self,
+        id: i64,
+    ) -> Result<(Option<UserRecord>, Option<AccountRecord>), DirectoryError> {
+        const SQL: &str = "SELECT u.id, u.account_id, u.role, u.is_active, a.id, a.status \
+             FROM users u LEFT JOIN accounts a ON a.id = u.account_id WHERE u.id = $1";
+        type Row = (i64, Option<i64>, String, bool, Option<i64>, Option<String>);
+        let row: Option<Row> =
+            on_pool!(&self.db, pool => sqlx::query_as(SQL).bind(id).fetch_optional(pool).await)
+                .map_err(unavailable)?;
+        Ok(match row {
+            None => (None, None),
+            Some((id, account_id, role, is_active, account, status)) => (
+                Some(UserRecord {
+                    id,
+                    account_id,
+                    role,
+                    is_active,
+                }),
+                account
+                    .zip(status)
+                    .map(|(account, status)| account_record(account, &status)),
+            ),
+        })
+    }
+}
+
+/// Unknown statuses are suspended (fail closed).
+fn account_record(id: i64, status: &str) -> AccountRecord {
+    AccountRecord {
+        id,
+        status: if status == "active" {
+            AccountStatus::Active
+        } else {
+            AccountStatus::Suspended
+        },
     }
 }
 
@@ -194,10 +248,24 @@ where
 
 #[async_trait]
 impl<D: Directory> Directory for CachedDirectory<D> {
+    /// A miss reads the user together with their account, and caches both
+    /// (the account aged from the same read), so the account lookup that
+    /// follows in the same request is answered from memory.
     async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
         fresh(&self.users, id, self.ttl, || {
             let inner = self.inner.clone();
-            async move { inner.user(id).await }
+            let accounts = self.accounts.clone();
+            let ttl = self.ttl;
+            async move {
+                let started = Instant::now();
+                let (user, account) = inner.user_with_account(id).await?;
+                if let Some(account_id) = user.as_ref().and_then(|u| u.account_id)
+                    && !ttl.is_zero()
+                {
+                    accounts.insert(account_id, (started, account)).await;
+                }
+                Ok(user)
+            }
         })
         .await
     }
@@ -224,6 +292,7 @@ mod tests {
     #[derive(Default)]
     struct Counting {
         loads: AtomicUsize,
+        account_loads: AtomicUsize,
         active: Mutex<bool>,
         down: Mutex<bool>,
         /// Extra latency of each load.
@@ -245,9 +314,31 @@ mod tests {
                 is_active: *self.active.lock().unwrap(),
             }))
         }
-        async fn account(&self, _: i64) -> Result<Option<AccountRecord>, DirectoryError> {
-            Ok(None)
+        async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError> {
+            self.account_loads.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(account_record(id, "active")))
         }
+    }
+
+    #[tokio::test]
+    async fn a_user_read_caches_their_account_from_the_same_read() {
+        let inner = Arc::new(Counting::default());
+        let cached = CachedDirectory::new(inner.clone(), Duration::from_millis(200));
+        assert_eq!(cached.user(7).await.unwrap().unwrap().account_id, Some(1));
+        assert_eq!(inner.account_loads.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            cached.account(1).await.unwrap().unwrap().status,
+            AccountStatus::Active
+        );
+        assert_eq!(
+            inner.account_loads.load(Ordering::SeqCst),
+            1,
+            "the account came with the user"
+        );
+        // Aged from the user's read: both expire together.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cached.account(1).await.unwrap();
+        assert_eq!(inner.account_loads.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

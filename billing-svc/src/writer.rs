@@ -40,7 +40,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use igny8_db::{Backend, BeginWrite, Db, on_pool};
-use sqlx::{SqlSafeStr as _, pool::PoolConnection};
+use sqlx::pool::PoolConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -470,7 +470,7 @@ async fn run_shard(mut rx: mpsc::Receiver<Job>, cx: ShardContext) {
                 Err(_idle) => {
                     // Nothing to write for a while: give the connection
                     // back (the pool checks it before the next batch).
-                    held.release();
+                    held.release().await;
                     rx.recv_many(&mut jobs, cx.max_batch).await
                 }
             };
@@ -1268,17 +1268,27 @@ impl Sql {
 /// The database side of [`Sql`]: its values as one backend's arguments,
 /// and where a writer keeps its connection.
 trait BatchDb: sqlx::Database {
+    /// Ends a batch's transaction. On PostgreSQL the next batch's `BEGIN`
+    /// rides in the same round trip (`COMMIT; BEGIN`), so a held connection
+    /// waits between batches in an empty transaction: one round trip fewer
+    /// per batch. On SQLite `BEGIN IMMEDIATE` takes the database's write
+    /// lock, so it is sent only when a batch starts.
+    const COMMIT: &'static str;
+    /// Whether [`BatchDb::COMMIT`] leaves a transaction open.
+    const COMMIT_BEGINS: bool;
     fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError>;
     /// This backend's slot in a writer's [`Held`] connection.
-    fn held(held: &mut Held) -> &mut Option<PoolConnection<Self>>;
+    fn held(held: &mut Held) -> &mut Slot<Self>;
 }
 
 /// [`BatchDb`] for a backend: scalars bind the same way on both, `$arrays`
 /// says what becomes of the array columns.
 macro_rules! batch_db {
-    ($db:ty, $slot:ident, $arrays:expr) => {
+    ($db:ty, $slot:ident, $commit:expr, $arrays:expr) => {
         impl BatchDb for $db {
-            fn held(held: &mut Held) -> &mut Option<PoolConnection<Self>> {
+            const COMMIT: &'static str = $commit.0;
+            const COMMIT_BEGINS: bool = $commit.1;
+            fn held(held: &mut Held) -> &mut Slot<Self> {
                 &mut held.$slot
             }
             fn arguments(args: Vec<Arg>) -> Result<Self::Arguments, sqlx::error::BoxDynError> {
@@ -1305,6 +1315,7 @@ macro_rules! batch_db {
 batch_db!(
     sqlx::Postgres,
     postgres,
+    ("COMMIT; BEGIN", true),
     |out: &mut sqlx::postgres::PgArguments, array: Arg| {
         use sqlx::Arguments as _;
         match array {
@@ -1318,6 +1329,7 @@ batch_db!(
 batch_db!(
     sqlx::Sqlite,
     sqlite,
+    ("COMMIT", false),
     |_: &mut sqlx::sqlite::SqliteArguments, _: Arg| -> Result<(), sqlx::error::BoxDynError> {
         Err("array arguments are built only for PostgreSQL".into())
     }
@@ -1910,18 +1922,70 @@ type Answers = Vec<Result<Done, BillingError>>;
 /// A writer task's own connection, kept from one batch to the next while
 /// requests keep coming. Taking a connection from the pool for every batch
 /// cost a round trip each time (the pool pings every connection it hands
-/// out). Given back to the pool after [`IDLE_RELEASE`] without requests and
-/// after a batch fails on a connection error.
+/// out). Given back to the pool after [`IDLE_RELEASE`] without requests;
+/// closed after a batch fails on it in a way that leaves its state unknown.
 #[derive(Default)]
 struct Held {
-    postgres: Option<PoolConnection<sqlx::Postgres>>,
-    sqlite: Option<PoolConnection<sqlx::Sqlite>>,
+    postgres: Slot<sqlx::Postgres>,
+    sqlite: Slot<sqlx::Sqlite>,
+}
+
+/// One backend's held connection, and whether a transaction is open on it
+/// (on PostgreSQL, the empty one the last `COMMIT; BEGIN` opened).
+struct Slot<DB: sqlx::Database> {
+    conn: Option<PoolConnection<DB>>,
+    in_transaction: bool,
+}
+
+impl<DB: sqlx::Database> Default for Slot<DB> {
+    fn default() -> Self {
+        Self {
+            conn: None,
+            in_transaction: false,
+        }
+    }
+}
+
+impl<DB: BatchDb> Slot<DB>
+where
+    for<'e> &'e mut DB::Connection: sqlx::Executor<'e, Database = DB>,
+{
+    /// Gives the connection back to the pool, outside any transaction (the
+    /// empty one is rolled back; a connection that cannot do that is
+    /// closed instead).
+    async fn release(&mut self) {
+        if self.in_transaction {
+            self.end_failed(false).await;
+        }
+        self.conn = None;
+    }
+
+    /// After a failed batch: rolls its transaction back so the connection
+    /// can serve the next batch, or, when the connection itself failed (or
+    /// does not answer the rollback within [`ROLLBACK_WAIT`]), closes it so
+    /// the next batch takes one the pool has checked.
+    async fn end_failed(&mut self, connection_failed: bool) {
+        self.in_transaction = false;
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if !connection_failed {
+            let rollback = sqlx::raw_sql("ROLLBACK").execute(&mut **conn);
+            if let Ok(Ok(_)) = tokio::time::timeout(ROLLBACK_WAIT, rollback).await {
+                return;
+            }
+        }
+        if let Some(conn) = self.conn.take() {
+            // Detached, it is closed when dropped; the pool opens another.
+            drop(conn.detach());
+        }
+    }
 }
 
 impl Held {
-    fn release(&mut self) {
-        self.postgres = None;
-        self.sqlite = None;
+    async fn release(&mut self) {
+        self.postgres.release().await;
+        self.sqlite.release().await;
     }
 }
 
@@ -1930,27 +1994,53 @@ impl Held {
 /// cut while the writer was idle costs no failed batch.
 const IDLE_RELEASE: Duration = Duration::from_millis(50);
 
-/// Begins a batch's transaction on the held connection, taking one from
-/// the pool (which pings it first) when none is held. The statement is the
-/// pool's [`BeginWrite::BEGIN`] (`BEGIN IMMEDIATE` on SQLite).
+/// How long a failed batch's rollback may take before its connection is
+/// closed instead.
+const ROLLBACK_WAIT: Duration = Duration::from_secs(1);
+
+/// The held connection, in a transaction that may write: taken from the
+/// pool (which pings it first) when none is held, begun with the pool's
+/// [`BeginWrite::BEGIN`] (`BEGIN IMMEDIATE` on SQLite) unless the last
+/// commit already began it.
 async fn begin_batch<'c, DB: BatchDb>(
     pool: &sqlx::Pool<DB>,
-    held: &'c mut Option<PoolConnection<DB>>,
-) -> Result<sqlx::Transaction<'c, DB>, sqlx::Error>
+    slot: &'c mut Slot<DB>,
+) -> Result<&'c mut DB::Connection, sqlx::Error>
 where
     sqlx::Pool<DB>: BeginWrite,
+    for<'e> &'e mut DB::Connection: sqlx::Executor<'e, Database = DB>,
 {
-    let conn = match held {
-        Some(conn) => conn,
-        None => held.insert(pool.acquire().await?),
-    };
-    let begin = <sqlx::Pool<DB> as BeginWrite>::BEGIN;
-    sqlx::Transaction::begin(&mut **conn, Some(begin.into_sql_str())).await
+    if slot.conn.is_none() {
+        slot.in_transaction = false;
+        slot.conn = Some(pool.acquire().await?);
+    }
+    let conn = slot.conn.as_mut().expect("just taken");
+    if !slot.in_transaction {
+        sqlx::raw_sql(<sqlx::Pool<DB> as BeginWrite>::BEGIN)
+            .execute(&mut **conn)
+            .await?;
+        slot.in_transaction = true;
+    }
+    Ok(&mut **conn)
+}
+
+/// Commits the batch on the held connection ([`BatchDb::COMMIT`]).
+async fn commit_batch<DB: BatchDb>(
+    _pool: &sqlx::Pool<DB>,
+    slot: &mut Slot<DB>,
+) -> Result<(), sqlx::Error>
+where
+    for<'e> &'e mut DB::Connection: sqlx::Executor<'e, Database = DB>,
+{
+    let conn = slot.conn.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+    sqlx::raw_sql(DB::COMMIT).execute(&mut **conn).await?;
+    slot.in_transaction = DB::COMMIT_BEGINS;
+    Ok(())
 }
 
 /// One transaction for the whole batch. `Err` means it was rolled back and
-/// nothing in it happened; after a connection-level error the held
-/// connection is let go, so the next batch takes one the pool has checked.
+/// nothing in it happened; the held connection is then rolled back for the
+/// next batch, or closed after a connection-level error.
 async fn apply_batch(
     db: &Db,
     held: &mut Held,
@@ -1958,10 +2048,12 @@ async fn apply_batch(
     clock: &Clock,
 ) -> Result<(Answers, Vec<i64>), sqlx::Error> {
     let result = apply_on(db, held, requests, clock).await;
-    if let Err(e) = &result
-        && igny8_db::is_unavailable(e)
-    {
-        held.release();
+    if let Err(e) = &result {
+        let connection_failed = igny8_db::is_unavailable(e);
+        match db.backend() {
+            Backend::Postgres => held.postgres.end_failed(connection_failed).await,
+            Backend::Sqlite => held.sqlite.end_failed(connection_failed).await,
+        }
     }
     result
 }
@@ -1975,7 +2067,7 @@ async fn apply_on(
 ) -> Result<(Answers, Vec<i64>), sqlx::Error> {
     let backend = db.backend();
     on_pool!(db, pool => {
-        let mut tx = begin_batch(pool, BatchDb::held(held)).await?;
+        let tx = begin_batch(pool, BatchDb::held(held)).await?;
         // The time is taken once the accounts are locked, so every decision
         // about expiry is made under the lock that orders it.
         let lock = lock_accounts(backend, requests);
@@ -2072,7 +2164,7 @@ async fn apply_on(
         {
             query(pool, sql)?.execute(&mut *tx).await?;
         }
-        tx.commit().await?;
+        commit_batch(pool, BatchDb::held(held)).await?;
         Ok((resolve(plan, &row_ids), changed))
     })
 }

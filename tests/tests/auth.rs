@@ -608,7 +608,33 @@ async fn permission_matrix(b: Backend) {
     assert_eq!(db.balance(A1).await, 100 - 5 + 2);
 }
 
+/// The directory's one-read lookup of a user and their account answers
+/// exactly what the two separate reads answer: a member, a member of a
+/// suspended account, a user in no account, an unknown user.
+async fn user_with_account_is_the_two_reads_in_one(b: Backend) {
+    let db = directory(b).await;
+    let dir = SqlDirectory::new(db.db.clone());
+    for id in [11, 16, 17, 18, 999] {
+        let (user, account) = dir.user_with_account(id).await.unwrap();
+        let want_user = dir.user(id).await.unwrap();
+        let want_account = match want_user.as_ref().and_then(|u| u.account_id) {
+            Some(a) => dir.account(a).await.unwrap(),
+            None => None,
+        };
+        assert_eq!((&user, &account), (&want_user, &want_account), "user {id}");
+    }
+    let (_, account) = dir.user_with_account(18).await.unwrap();
+    assert_eq!(
+        account.map(|a| a.status),
+        Some(auth_interceptor::AccountStatus::Suspended)
+    );
+    assert_eq!(dir.user_with_account(999).await.unwrap(), (None, None));
+    let (user, account) = dir.user_with_account(16).await.unwrap();
+    assert_eq!((user.map(|u| u.account_id), account), (Some(None), None));
+}
+
 on_both_backends!(
+    user_with_account_is_the_two_reads_in_one,
     resolution_rules,
     stale_token_uses_current_account,
     removed_user_is_denied_even_with_a_token_naming_the_account,

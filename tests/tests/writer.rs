@@ -701,6 +701,66 @@ async fn a_refused_request_does_not_fail_its_batch() {
     assert_eq!(ledger.writer().metrics().totals(), (3, 3));
 }
 
+/// Between batches the writer's PostgreSQL connection waits in the empty
+/// transaction its last `COMMIT; BEGIN` opened; once idle, the connection
+/// goes back to the pool outside any transaction, and the next batch
+/// begins again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_writer_gives_back_a_connection_outside_any_transaction() {
+    use billing_svc::ledger::{Entry, Kind, Ledger};
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let igny8_db::Db::Postgres(pg) = &db.db else {
+        unreachable!()
+    };
+    let ledger = Ledger::with_config(
+        db.db.clone(),
+        WriterConfig {
+            max_batch: 16,
+            shards: 1,
+            queue_capacity: 64,
+            account_share: 64,
+        },
+    );
+    let deduct = |key: &str| {
+        billing_svc::writer::Op::Change(Entry {
+            kind: Kind::Deduct,
+            credits: -1,
+            operation: String::new(),
+            quantity: 0,
+            description: String::new(),
+            metadata: Default::default(),
+            idempotency_key: key.into(),
+            request_hash: key.into(),
+            actor: "test".into(),
+        })
+    };
+    let states = || async {
+        let states: Vec<String> = sqlx::query_scalar(
+            "SELECT state FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND backend_type = 'client backend' ORDER BY state",
+        )
+        .fetch_all(pg)
+        .await
+        .unwrap();
+        states
+    };
+    ledger.writer().submit(1, deduct("one")).await.unwrap();
+    assert!(
+        states().await.contains(&"idle in transaction".to_owned()),
+        "the next batch's transaction is open: {:?}",
+        states().await
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let idle = states().await;
+    assert!(
+        !idle.is_empty() && idle.iter().all(|s| s == "idle"),
+        "given back outside any transaction: {idle:?}"
+    );
+    ledger.writer().submit(1, deduct("two")).await.unwrap();
+    assert_eq!(db.ledger_sum(1).await, (-2, 2));
+}
+
 /// Each committed batch notifies `igny8_balance` once per changed account,
 /// from inside its transaction; refused requests notify nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
