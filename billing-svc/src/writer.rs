@@ -507,7 +507,16 @@ async fn process(cx: &ShardContext, held: &mut Held, batch: Vec<Job>) -> Vec<i64
     let (db, clock, metrics) = (&cx.db, &cx.clock, &cx.metrics);
     let requests: Vec<(i64, &Op)> = batch.iter().map(|j| (j.account, &j.op)).collect();
     let size = batch.len();
-    match apply_batch(db, held, &requests, clock).await {
+    let mut result = apply_batch(db, held, &requests, clock).await;
+    if let Err(e) = &result
+        && igny8_db::is_unique_violation(e)
+    {
+        // Another replica committed one of the batch's keys after this
+        // batch's lookup was made (see `lock_then_find`): a new statement
+        // sees it, and the request replays it.
+        result = apply_batch(db, held, &requests, clock).await;
+    }
+    match result {
         Ok((answers, changed)) => {
             metrics.batches.inc();
             metrics.requests.inc_by(size as u64);
@@ -1179,8 +1188,13 @@ impl Sql {
     /// data-modifying `WITH` runs to completion whether or not it is read),
     /// `then`'s placeholders renumbered after `self`'s.
     fn with_then(self, then: Sql) -> Sql {
+        self.with_as("WITH step AS (", then)
+    }
+
+    /// [`Sql::with_then`] with another `WITH` head (`WITH name AS (`).
+    fn with_as(self, head: &str, then: Sql) -> Sql {
         let shift = self.args.len();
-        let mut sql = Sql::new("WITH step AS (");
+        let mut sql = Sql::new(head);
         sql.push(&self.text).push(") ");
         let mut rest = then.text.as_str();
         while let Some(at) = rest.find('$') {
@@ -1363,7 +1377,6 @@ where
 /// The SQL of one batch's reads, built from what it needs.
 struct Reads {
     sweep: Sql,
-    rows_by_key: Option<Sql>,
     holds_by_key: Option<Sql>,
     holds_by_id: Option<Sql>,
 }
@@ -1450,37 +1463,19 @@ fn reads(backend: Backend, requests: &[(i64, &Op)], now: DateTime<Utc>) -> Reads
         .is_in(backend, i64s(accounts))
         .push(" RETURNING account_id, credits");
 
-    let mut row_keys = Vec::new();
     let mut hold_keys = Vec::new();
     let mut hold_ids = BTreeSet::new();
     for (account, op) in requests {
-        let account = Arg::I64(*account);
         match op {
-            Op::Change(e) => row_keys.push([
-                account,
-                Arg::Text(e.kind.as_str().to_owned()),
-                Arg::Text(e.idempotency_key.clone()),
-            ]),
-            Op::Refund(r) => row_keys.push([
-                account,
-                Arg::Text(Kind::Refund.as_str().to_owned()),
-                Arg::Text(r.idempotency_key.clone()),
-            ]),
-            Op::Reserve(h) => hold_keys.push([account, Arg::Text(h.idempotency_key.clone())]),
+            Op::Reserve(h) => {
+                hold_keys.push([Arg::I64(*account), Arg::Text(h.idempotency_key.clone())]);
+            }
             Op::Capture { hold_id, .. } | Op::Release { hold_id } => {
                 hold_ids.insert(hold_id.clone());
             }
+            Op::Change(_) | Op::Refund(_) => {}
         }
     }
-    let rows_by_key = (!row_keys.is_empty()).then(|| {
-        by_keys(
-            backend,
-            "credit_ledger",
-            ledger_columns!(),
-            ["account_id", "kind", "idempotency_key"],
-            row_keys,
-        )
-    });
     let holds_by_key = (!hold_keys.is_empty()).then(|| {
         by_keys(
             backend,
@@ -1501,10 +1496,68 @@ fn reads(backend: Backend, requests: &[(i64, &Op)], now: DateTime<Utc>) -> Reads
     });
     Reads {
         sweep,
-        rows_by_key,
         holds_by_key,
         holds_by_id,
     }
+}
+
+/// The batch's existing ledger rows by idempotency key (deducts, grants,
+/// refunds), if it has any such request.
+fn rows_by_key(backend: Backend, requests: &[(i64, &Op)]) -> Option<Sql> {
+    let keys: Vec<[Arg; 3]> = requests
+        .iter()
+        .filter_map(|(account, op)| {
+            let (kind, key) = match op {
+                Op::Change(e) => (e.kind, &e.idempotency_key),
+                Op::Refund(r) => (Kind::Refund, &r.idempotency_key),
+                Op::Reserve(_) | Op::Capture { .. } | Op::Release { .. } => return None,
+            };
+            Some([
+                Arg::I64(*account),
+                Arg::Text(kind.as_str().to_owned()),
+                Arg::Text(key.clone()),
+            ])
+        })
+        .collect();
+    (!keys.is_empty()).then(|| {
+        by_keys(
+            backend,
+            "credit_ledger",
+            ledger_columns!(),
+            ["account_id", "kind", "idempotency_key"],
+            keys,
+        )
+    })
+}
+
+/// PostgreSQL: the accounts' lock and the key lookup in one statement (one
+/// round trip). The lock is taken in id order as [`lock_accounts`] does;
+/// account rows carry `lock_id`, found ledger rows a NULL one.
+///
+/// One statement has one snapshot, taken before any wait for a lock: when
+/// another replica commits a row for one of the batch's keys while this
+/// statement waits for its lock, the lookup does not see that row, the
+/// batch's insert of the same key then fails on the unique index, and the
+/// batch is applied again, in a new transaction that sees it (a replay).
+/// Balances are never read from the snapshot: a locked row is its newest
+/// version.
+fn lock_then_find(lock: Sql, lookup: Sql) -> Sql {
+    let found = lookup
+        .text
+        .strip_prefix("SELECT ")
+        .expect("a lookup is a SELECT")
+        .to_owned();
+    let nulls = vec!["NULL"; ledger_columns!().split(',').count()].join(", ");
+    let mut then = Sql::new(
+        "SELECT NULL::bigint AS lock_id, NULL::bigint AS lock_credits, \
+         NULL::bigint AS lock_held, ",
+    );
+    then.push(&found)
+        .push(" UNION ALL SELECT id, credits, held, ")
+        .push(&nulls)
+        .push(" FROM locked");
+    then.args = lookup.args;
+    lock.with_as("WITH locked AS MATERIALIZED (", then)
 }
 
 /// Row ids the batch must read after the holds are known: refund targets and
@@ -1896,12 +1949,12 @@ pub fn postgres_statements() -> Vec<String> {
         ..Loaded::default()
     };
     let r = reads(backend, &requests, now);
-    let mut all = vec![lock_accounts(backend, &requests), r.sweep];
-    all.extend(
-        [r.rows_by_key, r.holds_by_key, r.holds_by_id]
-            .into_iter()
-            .flatten(),
-    );
+    // The lock alone (a batch of holds only), and with the key lookup.
+    let lock = lock_accounts(backend, &requests);
+    let mut all = vec![lock.clone()];
+    all.extend(rows_by_key(backend, &requests).map(|keys| lock_then_find(lock, keys)));
+    all.push(r.sweep);
+    all.extend([r.holds_by_key, r.holds_by_id].into_iter().flatten());
     all.extend(rows_by_id(backend, row_ids_needed(&requests, &loaded)));
     all.extend(refunded_sums(backend, refunds_needed(&requests)));
     let plan = decide(&requests, &mut loaded, now);
@@ -2071,8 +2124,29 @@ async fn apply_on(
         // The time is taken once the accounts are locked, so every decision
         // about expiry is made under the lock that orders it.
         let lock = lock_accounts(backend, requests);
-        let accounts: Vec<(i64, i64, i64)> =
-            query_as(pool, lock)?.fetch_all(&mut *tx).await?;
+        let mut keys = rows_by_key(backend, requests);
+        let mut accounts: Vec<(i64, i64, i64)> = Vec::new();
+        let mut found: Vec<LedgerRow> = Vec::new();
+        match keys.take_if(|_| backend == Backend::Postgres) {
+            // One round trip for both (see `lock_then_find`).
+            Some(lookup) => {
+                use sqlx::Row as _;
+                let rows = query(pool, lock_then_find(lock, lookup))?
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for row in &rows {
+                    match row.try_get::<Option<i64>, _>("lock_id")? {
+                        Some(id) => accounts.push((
+                            id,
+                            row.try_get("lock_credits")?,
+                            row.try_get("lock_held")?,
+                        )),
+                        None => found.push(sqlx::FromRow::from_row(row)?),
+                    }
+                }
+            }
+            None => accounts = query_as(pool, lock)?.fetch_all(&mut *tx).await?,
+        }
         // Microseconds: what both backends store, so answers built in memory
         // equal what a later read returns.
         let now = clock();
@@ -2093,14 +2167,13 @@ async fn apply_on(
                 }
             }
         }
-        if let Some(sql) = r.rows_by_key {
-            let rows: Vec<LedgerRow> =
-                query_as(pool, sql)?.fetch_all(&mut *tx).await?;
-            for row in rows {
-                loaded
-                    .rows_by_key
-                    .insert((row.account_id, row.kind.clone(), row.idempotency_key.clone()), row);
-            }
+        if let Some(sql) = keys {
+            found = query_as(pool, sql)?.fetch_all(&mut *tx).await?;
+        }
+        for row in found {
+            loaded
+                .rows_by_key
+                .insert((row.account_id, row.kind.clone(), row.idempotency_key.clone()), row);
         }
         if let Some(sql) = r.holds_by_key {
             let holds: Vec<HoldRow> =
@@ -2263,7 +2336,7 @@ mod tests {
         let plan = decide(&requests, &mut loaded, now);
         let r = reads(backend, &requests, now);
         let mut all = vec![lock_accounts(backend, &requests), r.sweep];
-        all.extend(r.rows_by_key);
+        all.extend(rows_by_key(backend, &requests));
         let insert = insert_rows(backend, &plan).unwrap();
         let update = update_accounts(backend, &plan, now).unwrap();
         all.push(update.with_then(insert));
@@ -2298,8 +2371,8 @@ mod tests {
         let all = postgres_statements();
         for start in [
             "SELECT id, credits, held FROM accounts",
+            "WITH locked AS MATERIALIZED (SELECT id, credits, held FROM accounts",
             "UPDATE credit_holds SET state = 'expired'",
-            "SELECT t.* FROM unnest($1::bigint[], $2::text[], $3::text[])",
             "SELECT t.* FROM unnest($1::bigint[], $2::text[])",
             "SELECT id, account_id, state",
             "SELECT id, account_id, kind",

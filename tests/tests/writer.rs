@@ -701,6 +701,82 @@ async fn a_refused_request_does_not_fail_its_batch() {
     assert_eq!(ledger.writer().metrics().totals(), (3, 3));
 }
 
+/// A batch locks its accounts and looks up its keys in one statement, whose
+/// snapshot predates its wait for the lock. When another replica commits a
+/// row for one of the batch's keys during that wait, the batch's insert
+/// meets the unique index, and the batch is applied again: the request
+/// replays that row, and the account is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_committed_elsewhere_during_the_lock_wait_is_replayed() {
+    use billing_svc::{
+        ledger::{Entry, Kind, Ledger},
+        writer::{Done, Op},
+    };
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let igny8_db::Db::Postgres(pg) = &db.db else {
+        unreachable!()
+    };
+    let ledger = Ledger::with_config(
+        db.db.clone(),
+        WriterConfig {
+            max_batch: 16,
+            shards: 1,
+            queue_capacity: 64,
+            account_share: 64,
+        },
+    );
+    let mut other = pg.begin().await.unwrap();
+    sqlx::query("SELECT credits FROM accounts WHERE id = 1 FOR UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let writer = ledger.writer().clone();
+    let waiting = tokio::spawn(async move {
+        writer
+            .submit(
+                1,
+                Op::Change(Entry {
+                    kind: Kind::Deduct,
+                    credits: -5,
+                    operation: String::new(),
+                    quantity: 0,
+                    description: String::new(),
+                    metadata: Default::default(),
+                    idempotency_key: "k".into(),
+                    request_hash: "same-request".into(),
+                    actor: "test".into(),
+                }),
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The other replica charges the same request, and commits.
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
+         idempotency_key, request_hash, actor, created_at) \
+         VALUES (1, 'deduct', -5, $1, 'k', 'same-request', 'test', now()) RETURNING id",
+    )
+    .bind(START - 5)
+    .fetch_one(&mut *other)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE accounts SET credits = credits - 5 WHERE id = 1")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    other.commit().await.unwrap();
+    match waiting.await.unwrap() {
+        Ok(Done::Row { row, replayed }) => {
+            assert!(replayed, "a replay of the committed row");
+            assert_eq!(row.id, id);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(db.ledger_sum(1).await, (-5, 1));
+    assert_eq!(db.balance(1).await, START - 5);
+}
+
 /// Between batches the writer's PostgreSQL connection waits in the empty
 /// transaction its last `COMMIT; BEGIN` opened; once idle, the connection
 /// goes back to the pool outside any transaction, and the next batch
