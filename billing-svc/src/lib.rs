@@ -41,7 +41,8 @@ pub const DEFAULTS: Defaults = Defaults {
 pub const EXTRA_HELP: &str = "  IGNY8_COST_TABLE_FILE         replace the built-in cost table with a .toml or .json file
   IGNY8_PAGE_TOKEN_KEY          ListTransactions page-token key, ≥ 32 bytes, the same on every replica
                                 (unset: derived from IGNY8_JWT_SECRET, else random per process)
-  IGNY8_LEDGER_MAX_BATCH        most balance changes applied in one transaction (default 32)
+  IGNY8_LEDGER_MAX_BATCH        most balance changes applied in one transaction (default 32;
+                                on PostgreSQL also at most ~12 KiB of values)
   IGNY8_LEDGER_SHARDS           ledger writer tasks, one connection each on top of the pool (default 2 PostgreSQL, 1 SQLite)
   IGNY8_LEDGER_QUEUE            requests waiting per writer before RESOURCE_EXHAUSTED (default 4096)
   IGNY8_LEDGER_ACCOUNT_SHARE    requests one account may have waiting per writer (default 1024)
