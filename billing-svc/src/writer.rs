@@ -216,47 +216,45 @@ impl Op {
     fn wire_bytes(&self) -> usize {
         const FIXED: usize = 160;
         const CAPTURED_TEXT: usize = 512;
-        let metadata = |m: &BTreeMap<String, String>| {
-            m.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>() + 2
+        let row = |texts: [&str; 5], metadata: &BTreeMap<String, String>, key: &str| {
+            texts.iter().map(|t| t.len()).sum::<usize>()
+                + metadata
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 6)
+                    .sum::<usize>()
+                + 2
+                + 2 * key.len()
         };
+        let none = BTreeMap::new();
         FIXED
             + match self {
-                Op::Change(e) => {
-                    e.operation.len()
-                        + e.description.len()
-                        + metadata(&e.metadata)
-                        + 2 * e.idempotency_key.len()
-                        + e.request_hash.len()
-                        + e.actor.len()
-                }
-                Op::Reserve(h) => {
-                    h.operation.len()
-                        + h.description.len()
-                        + metadata(&h.metadata)
-                        + 2 * h.idempotency_key.len()
-                        + h.request_hash.len()
-                        + h.actor.len()
-                }
+                Op::Change(e) => row(
+                    [&e.operation, &e.description, &e.request_hash, &e.actor, ""],
+                    &e.metadata,
+                    &e.idempotency_key,
+                ),
+                Op::Reserve(h) => row(
+                    [&h.operation, &h.description, &h.request_hash, &h.actor, ""],
+                    &h.metadata,
+                    &h.idempotency_key,
+                ),
                 Op::Capture {
                     hold_id,
                     amount,
                     actor,
                 } => {
-                    3 * hold_id.len()
-                        + actor.len()
-                        + amount
-                            .as_ref()
-                            .and_then(|a| a.operation.as_ref())
-                            .map_or(0, String::len)
-                        + CAPTURED_TEXT
+                    let operation = amount
+                        .as_ref()
+                        .and_then(|a| a.operation.as_deref())
+                        .unwrap_or("");
+                    row([hold_id, actor, operation, "", ""], &none, hold_id) + CAPTURED_TEXT
                 }
                 Op::Release { hold_id } => 2 * hold_id.len(),
-                Op::Refund(r) => {
-                    2 * r.idempotency_key.len()
-                        + r.request_hash.len()
-                        + r.reason.len()
-                        + r.actor.len()
-                }
+                Op::Refund(r) => row(
+                    [&r.request_hash, &r.reason, &r.actor, "", ""],
+                    &none,
+                    &r.idempotency_key,
+                ),
             }
     }
 }
@@ -1656,15 +1654,17 @@ fn lock_then_find(lock: Sql, lookup: Sql) -> Sql {
         .strip_prefix("SELECT ")
         .expect("a lookup is a SELECT")
         .to_owned();
-    let nulls = vec!["NULL"; ledger_columns!().split(',').count()].join(", ");
+    // The locked rows, with a NULL for each ledger column (the same text for
+    // every batch, built once).
+    static LOCKED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let nulls = vec!["NULL"; ledger_columns!().split(',').count()].join(", ");
+        format!(" UNION ALL SELECT id, credits, held, {nulls} FROM locked")
+    });
     let mut then = Sql::new(
         "SELECT NULL::bigint AS lock_id, NULL::bigint AS lock_credits, \
          NULL::bigint AS lock_held, ",
     );
-    then.push(&found)
-        .push(" UNION ALL SELECT id, credits, held, ")
-        .push(&nulls)
-        .push(" FROM locked");
+    then.push(&found).push(&LOCKED);
     then.args = lookup.args;
     lock.with_as("WITH locked AS MATERIALIZED (", then)
 }

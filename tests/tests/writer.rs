@@ -459,6 +459,38 @@ async fn cut_connections_cost_at_most_a_batch_and_heal() {
     );
 }
 
+/// A connection of `db` (PostgreSQL), for planning.
+async fn pg_connection(db: &TestDb) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let igny8_db::Db::Postgres(pg) = &db.db else {
+        unreachable!()
+    };
+    pg.acquire().await.unwrap()
+}
+
+/// The plan of `EXECUTE <execute>`, one line per node.
+async fn plan(conn: &mut sqlx::PgConnection, execute: &str) -> String {
+    let lines: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE {execute}")))
+            .fetch_all(conn)
+            .await
+            .unwrap();
+    lines.join("\n")
+}
+
+/// Adds `rows` grants to account 1's ledger (without analysing it).
+async fn grow_ledger(conn: &mut sqlx::PgConnection, rows: i64) {
+    sqlx::query(
+        "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
+         idempotency_key, request_hash, actor, created_at) \
+         SELECT 1, 'grant', 1, g, 'k' || g, 'h', 'test', now() \
+         FROM generate_series(1, $1) g",
+    )
+    .bind(rows)
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
 /// Idempotency-key lookups can only probe the unique index. On a fresh,
 /// never-analysed ledger the planner costs every index alike, and a
 /// connection keeps the generic plan it made then while the table grows: a
@@ -470,18 +502,7 @@ async fn cut_connections_cost_at_most_a_batch_and_heal() {
 async fn key_lookups_can_only_probe_the_unique_index() {
     let db = TestDb::new(Backend::Postgres).await;
     seed_accounts(&db).await;
-    let igny8_db::Db::Postgres(pg) = &db.db else {
-        unreachable!()
-    };
-    let mut conn = pg.acquire().await.unwrap();
-    async fn plan(conn: &mut sqlx::PgConnection, statement: &str) -> String {
-        let lines: Vec<String> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE {statement}")))
-                .fetch_all(conn)
-                .await
-                .unwrap();
-        lines.join("\n")
-    }
+    let mut conn = pg_connection(&db).await;
     for step in [
         // The plan a connection would keep whatever the arguments.
         "SET plan_cache_mode = force_generic_plan",
@@ -500,16 +521,7 @@ async fn key_lookups_can_only_probe_the_unique_index() {
     for rows in [0, 20_000] {
         if rows > 0 {
             // Grown, still never analysed.
-            sqlx::query(
-                "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
-                 idempotency_key, request_hash, actor, created_at) \
-                 SELECT 1, 'grant', 1, g, 'k' || g, 'h', 'test', now() \
-                 FROM generate_series(1, $1) g",
-            )
-            .bind(rows)
-            .execute(&mut *conn)
-            .await
-            .unwrap();
+            grow_ledger(&mut conn, rows).await;
         }
         for lookup in [
             "one(1, 'deduct', 'x')",
@@ -540,10 +552,7 @@ async fn key_lookups_can_only_probe_the_unique_index() {
 async fn writer_statements_plan_as_index_probes() {
     let db = TestDb::new(Backend::Postgres).await;
     seed_accounts(&db).await;
-    let igny8_db::Db::Postgres(pg) = &db.db else {
-        unreachable!()
-    };
-    let mut conn = pg.acquire().await.unwrap();
+    let mut conn = pg_connection(&db).await;
     for (name, value) in billing_svc::writer::WRITER_SESSION {
         sqlx::query(sqlx::AssertSqlSafe(format!("SET {name} = '{value}'")))
             .execute(&mut *conn)
@@ -560,12 +569,10 @@ async fn writer_statements_plan_as_index_probes() {
     let mut scans = Vec::new();
     for grown in [false, true] {
         if grown {
+            grow_ledger(&mut conn, 20_000).await;
             for step in [
                 "INSERT INTO accounts (id, name, status, credits, created_at, updated_at) \
                  SELECT g, 'a' || g, 'active', 1000, now(), now() FROM generate_series(1000, 20999) g",
-                "INSERT INTO credit_ledger (account_id, kind, credits, balance_after, \
-                 idempotency_key, request_hash, actor, created_at) \
-                 SELECT 1, 'grant', 1, g, 'k' || g, 'h', 'test', now() FROM generate_series(1, 20000) g",
                 "INSERT INTO credit_holds (id, account_id, state, credits, idempotency_key, \
                  request_hash, actor, created_at, expires_at_us, closed_at) \
                  SELECT 'hold_' || g, 1, 'released', 1, 'r' || g, 'h', 'test', now(), 0, now() \
@@ -579,13 +586,7 @@ async fn writer_statements_plan_as_index_probes() {
                 .take_while(|n| text.contains(&format!("${n}")))
                 .count();
             let nulls = vec!["NULL"; params].join(", ");
-            let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "EXPLAIN EXECUTE w{i}({nulls})"
-            )))
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-            let plan = lines.join("\n");
+            let plan = plan(&mut conn, &format!("w{i}({nulls})")).await;
             if ["Seq Scan", "Hash Join", "Merge Join", "pages_idx"]
                 .iter()
                 .any(|bad| plan.contains(bad))
@@ -642,19 +643,9 @@ impl RowBlocker {
     }
 }
 
-/// A request the database refuses (here a NUL byte PostgreSQL cannot store,
-/// sent straight to the writer past the API's validation) fails alone: the
-/// rest of its batch is applied.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_request_does_not_fail_its_batch() {
-    use billing_svc::{
-        error::BillingError,
-        ledger::{Entry, Kind, Ledger},
-        writer::Op,
-    };
-    let db = TestDb::new(Backend::Postgres).await;
-    seed_accounts(&db).await;
-    let ledger = Ledger::with_config(
+/// A ledger on `db` whose writer has one shard and batches of at most 16.
+fn one_shard_ledger(db: &TestDb) -> billing_svc::ledger::Ledger {
+    billing_svc::ledger::Ledger::with_config(
         db.db.clone(),
         WriterConfig {
             max_batch: 16,
@@ -662,18 +653,37 @@ async fn a_refused_request_does_not_fail_its_batch() {
             queue_capacity: 64,
             account_share: 64,
         },
-    );
+    )
+}
+
+/// A 1-credit deduct straight to the writer, fingerprinted by its key.
+fn deduct_entry(key: &str) -> billing_svc::ledger::Entry {
+    billing_svc::ledger::Entry {
+        kind: billing_svc::ledger::Kind::Deduct,
+        credits: -1,
+        operation: String::new(),
+        quantity: 0,
+        description: String::new(),
+        metadata: Default::default(),
+        idempotency_key: key.into(),
+        request_hash: key.into(),
+        actor: "test".into(),
+    }
+}
+
+/// A request the database refuses (here a NUL byte PostgreSQL cannot store,
+/// sent straight to the writer past the API's validation) fails alone: the
+/// rest of its batch is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_does_not_fail_its_batch() {
+    use billing_svc::{error::BillingError, ledger::Entry, writer::Op};
+    let db = TestDb::new(Backend::Postgres).await;
+    seed_accounts(&db).await;
+    let ledger = one_shard_ledger(&db);
     let entry = |key: &str, description: &str| {
         Op::Change(Entry {
-            kind: Kind::Deduct,
-            credits: -1,
-            operation: String::new(),
-            quantity: 0,
             description: description.into(),
-            metadata: Default::default(),
-            idempotency_key: key.into(),
-            request_hash: key.into(),
-            actor: "test".into(),
+            ..deduct_entry(key)
         })
     };
     // Occupy the writer with a batch stuck on a row lock, so the next three
@@ -720,7 +730,7 @@ async fn a_refused_request_does_not_fail_its_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_committed_elsewhere_during_the_lock_wait_is_replayed() {
     use billing_svc::{
-        ledger::{Entry, Kind, Ledger},
+        ledger::Entry,
         writer::{Done, Op},
     };
     let db = TestDb::new(Backend::Postgres).await;
@@ -728,15 +738,7 @@ async fn a_key_committed_elsewhere_during_the_lock_wait_is_replayed() {
     let igny8_db::Db::Postgres(pg) = &db.db else {
         unreachable!()
     };
-    let ledger = Ledger::with_config(
-        db.db.clone(),
-        WriterConfig {
-            max_batch: 16,
-            shards: 1,
-            queue_capacity: 64,
-            account_share: 64,
-        },
-    );
+    let ledger = one_shard_ledger(&db);
     let mut other = pg.begin().await.unwrap();
     sqlx::query("SELECT credits FROM accounts WHERE id = 1 FOR UPDATE")
         .execute(&mut *other)
@@ -748,15 +750,9 @@ async fn a_key_committed_elsewhere_during_the_lock_wait_is_replayed() {
             .submit(
                 1,
                 Op::Change(Entry {
-                    kind: Kind::Deduct,
                     credits: -5,
-                    operation: String::new(),
-                    quantity: 0,
-                    description: String::new(),
-                    metadata: Default::default(),
-                    idempotency_key: "k".into(),
                     request_hash: "same-request".into(),
-                    actor: "test".into(),
+                    ..deduct_entry("k")
                 }),
             )
             .await
@@ -794,34 +790,13 @@ async fn a_key_committed_elsewhere_during_the_lock_wait_is_replayed() {
 /// begins again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_writer_gives_back_a_connection_outside_any_transaction() {
-    use billing_svc::ledger::{Entry, Kind, Ledger};
     let db = TestDb::new(Backend::Postgres).await;
     seed_accounts(&db).await;
     let igny8_db::Db::Postgres(pg) = &db.db else {
         unreachable!()
     };
-    let ledger = Ledger::with_config(
-        db.db.clone(),
-        WriterConfig {
-            max_batch: 16,
-            shards: 1,
-            queue_capacity: 64,
-            account_share: 64,
-        },
-    );
-    let deduct = |key: &str| {
-        billing_svc::writer::Op::Change(Entry {
-            kind: Kind::Deduct,
-            credits: -1,
-            operation: String::new(),
-            quantity: 0,
-            description: String::new(),
-            metadata: Default::default(),
-            idempotency_key: key.into(),
-            request_hash: key.into(),
-            actor: "test".into(),
-        })
-    };
+    let ledger = one_shard_ledger(&db);
+    let deduct = |key: &str| billing_svc::writer::Op::Change(deduct_entry(key));
     let states = || async {
         let states: Vec<String> = sqlx::query_scalar(
             "SELECT state FROM pg_stat_activity WHERE datname = current_database() \
@@ -853,7 +828,7 @@ async fn an_idle_writer_gives_back_a_connection_outside_any_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_batches_notify_once_per_account() {
     use billing_svc::{
-        ledger::{Entry, Kind, Ledger},
+        ledger::{Entry, Ledger},
         writer::Op,
     };
     let db = TestDb::new(Backend::Postgres).await;
@@ -866,15 +841,8 @@ async fn committed_batches_notify_once_per_account() {
     let ledger = Ledger::new(db.db.clone());
     let deduct = |key: &str, credits: i64| {
         Op::Change(Entry {
-            kind: Kind::Deduct,
             credits: -credits,
-            operation: String::new(),
-            quantity: 0,
-            description: String::new(),
-            metadata: Default::default(),
-            idempotency_key: key.into(),
-            request_hash: key.into(),
-            actor: "test".into(),
+            ..deduct_entry(key)
         })
     };
     // Refused: nothing changes, nothing is sent.
