@@ -251,12 +251,19 @@ where
         return load().await;
     }
     let cache = &tier.cache;
-    let started = Instant::now();
-    let read = load();
-    let (read_at, value) = cache
-        .try_get_with(id, async move { read.await.map(|v| (started, v)) })
-        .await
-        .map_err(|e| (*e).clone())?;
+    // A hit (nearly every call) builds no read: `try_get_with` would need
+    // the read's future, and its own bookkeeping, before looking.
+    let (read_at, value) = match cache.get(&id).await {
+        Some(hit) => hit,
+        None => {
+            let started = Instant::now();
+            let read = load();
+            cache
+                .try_get_with(id, async move { read.await.map(|v| (started, v)) })
+                .await
+                .map_err(|e| (*e).clone())?
+        }
+    };
     let age = read_at.elapsed();
     if age < ttl {
         if age >= ttl / 4 * 3 {

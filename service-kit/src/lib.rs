@@ -20,6 +20,7 @@ pub mod app;
 pub mod changes;
 pub mod config;
 pub mod limits;
+mod log_fields;
 pub mod main_helper;
 mod metrics;
 mod rpc;

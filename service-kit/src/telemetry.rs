@@ -172,6 +172,7 @@ where
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match format {
         LogFormat::Text => fmt::layer()
+            .fmt_fields(crate::log_fields::TextFields)
             .with_writer(std::io::stderr)
             // Colour codes only for a person at a terminal, not in files or
             // log collectors.
@@ -180,6 +181,7 @@ where
             .boxed(),
         LogFormat::Json => fmt::layer()
             .json()
+            .fmt_fields(crate::log_fields::JsonFields)
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),

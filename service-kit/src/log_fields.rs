@@ -1,0 +1,329 @@
+//! How span and event fields are written into log lines: as
+//! tracing-subscriber's own text and JSON formats do, minus the fields only
+//! OpenTelemetry reads.
+//!
+//! The `fmt` layer formats a span's fields when the span opens, and again
+//! on every `record`, whether or not any line is ever logged inside it. Every
+//! RPC opens `grpc.request` with eight fields and records two or three more
+//! later, so that formatting ran on every call: about 11,000 instructions
+//! per authenticated call in text (callgrind), and in JSON each `record`
+//! also parsed and re-serialised the span's fields so far. Five of those
+//! fields are for the trace exporter only (span name, kind and status, which
+//! tracing-opentelemetry reads from `otel.*`, plus `rpc.system` and the
+//! status code, which are only known when the span is about to close, after
+//! the last line it could carry). Log lines keep the fields a reader needs:
+//! `rpc.service`, `rpc.method` and `igny8.account_id`.
+
+use std::fmt;
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::{
+    field::{RecordFields, VisitOutput},
+    fmt::{
+        FormatFields, FormattedFields,
+        format::{DefaultVisitor, JsonVisitor, Writer},
+    },
+};
+
+/// Whether a field belongs in log lines.
+fn logged(field: &Field) -> bool {
+    let name = field.name();
+    !(name.starts_with("otel.") || name == "rpc.system" || name == "rpc.grpc.status_code")
+}
+
+/// Passes the [`logged`] fields on to `V`.
+struct Logged<'a, V>(&'a mut V);
+
+impl<V: Visit> Visit for Logged<'_, V> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if logged(field) {
+            self.0.record_f64(field, value);
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if logged(field) {
+            self.0.record_i64(field, value);
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if logged(field) {
+            self.0.record_u64(field, value);
+        }
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        if logged(field) {
+            self.0.record_i128(field, value);
+        }
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        if logged(field) {
+            self.0.record_u128(field, value);
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if logged(field) {
+            self.0.record_bool(field, value);
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if logged(field) {
+            self.0.record_str(field, value);
+        }
+    }
+
+    fn record_bytes(&mut self, field: &Field, value: &[u8]) {
+        if logged(field) {
+            self.0.record_bytes(field, value);
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if logged(field) {
+            self.0.record_error(field, value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if logged(field) {
+            self.0.record_debug(field, value);
+        }
+    }
+}
+
+/// Whether any of `fields` is [`logged`], without formatting any value.
+fn any_logged(fields: &impl RecordFields) -> bool {
+    struct Any(bool);
+    impl Visit for Any {
+        fn record_debug(&mut self, field: &Field, _: &dyn fmt::Debug) {
+            self.0 |= logged(field);
+        }
+    }
+    let mut any = Any(false);
+    fields.record(&mut any);
+    any.0
+}
+
+/// tracing-subscriber's text format (`DefaultFields`), [`logged`] fields only.
+#[derive(Debug, Default)]
+pub(crate) struct TextFields;
+
+impl<'w> FormatFields<'w> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = DefaultVisitor::new(writer, true);
+        fields.record(&mut Logged(&mut visitor));
+        visitor.finish()
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        let empty = current.fields.is_empty();
+        let mut visitor = DefaultVisitor::new(current.as_writer(), empty);
+        fields.record(&mut Logged(&mut visitor));
+        visitor.finish()
+    }
+}
+
+/// tracing-subscriber's JSON format (`JsonFields`), [`logged`] fields only.
+/// Fields recorded later are appended to the object already written rather
+/// than parsed and written again.
+#[derive(Debug, Default)]
+pub(crate) struct JsonFields;
+
+impl<'w> FormatFields<'w> for JsonFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = JsonVisitor::new(&mut writer);
+        fields.record(&mut Logged(&mut visitor));
+        visitor.finish()
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        if !any_logged(fields) {
+            return Ok(());
+        }
+        let mut added = String::new();
+        let mut visitor = JsonVisitor::new(&mut added);
+        fields.record(&mut Logged(&mut visitor));
+        visitor.finish()?;
+        merge_json_objects(&mut current.fields, &added);
+        Ok(())
+    }
+}
+
+/// Appends the members of the JSON object `added` to the JSON object
+/// `current` (either may be empty text or `{}`). A name recorded twice
+/// appears twice; readers of the line (the JSON event format included) keep
+/// the last.
+fn merge_json_objects(current: &mut String, added: &str) {
+    let added_members = added
+        .strip_prefix('{')
+        .and_then(|a| a.strip_suffix('}'))
+        .unwrap_or("");
+    if added_members.is_empty() {
+        return;
+    }
+    let current_members = current
+        .strip_prefix('{')
+        .and_then(|c| c.strip_suffix('}'))
+        .unwrap_or("");
+    if current_members.is_empty() {
+        current.clear();
+        current.push_str(added);
+        return;
+    }
+    current.pop();
+    current.push(',');
+    current.push_str(added_members);
+    current.push('}');
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        sync::{Arc, Mutex},
+    };
+
+    use tracing::field::Empty;
+    use tracing_subscriber::{fmt::MakeWriter, prelude::*};
+
+    use super::*;
+
+    /// Collects what the `fmt` layer writes.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Lines {
+        type Writer = Lines;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    impl Lines {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// The request span as `rpc.rs` opens and records it, with one line
+    /// logged inside it after the account is known.
+    fn log_inside_a_request_span() {
+        let span = tracing::info_span!(
+            "grpc.request",
+            otel.name = "pkg.Service/Method",
+            otel.kind = "server",
+            otel.status_code = Empty,
+            rpc.system = "grpc",
+            rpc.service = "pkg.Service",
+            rpc.method = "Method",
+            rpc.grpc.status_code = Empty,
+            igny8.account_id = Empty,
+        );
+        span.record("igny8.account_id", 42);
+        span.in_scope(|| tracing::warn!(error = "quote \" and\nnewline", "inside"));
+        span.record("rpc.grpc.status_code", 0);
+        span.record("otel.status_code", "OK");
+        span.in_scope(|| tracing::warn!("after the status"));
+    }
+
+    #[test]
+    fn text_lines_keep_the_request_fields_without_the_exporters() {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .fmt_fields(TextFields)
+                .with_ansi(false)
+                .with_writer(lines.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, log_inside_a_request_span);
+        let text = lines.text();
+        let first = text.lines().next().unwrap();
+        assert!(
+            first.contains(
+                "grpc.request{rpc.service=\"pkg.Service\" rpc.method=\"Method\" igny8.account_id=42}"
+            ),
+            "{text}"
+        );
+        // Event fields are escaped as before.
+        assert!(first.contains(r#"error="quote \" and\nnewline""#), "{text}");
+        assert!(!text.contains("otel."), "{text}");
+        assert!(!text.contains("rpc.system"), "{text}");
+        assert!(!text.contains("status_code"), "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    #[test]
+    fn json_lines_keep_the_request_fields_without_the_exporters() {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .fmt_fields(JsonFields)
+                .with_writer(lines.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, log_inside_a_request_span);
+        let text = lines.text();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        for line in &parsed {
+            assert_eq!(
+                line["span"],
+                serde_json::json!({
+                    "name": "grpc.request",
+                    "rpc.service": "pkg.Service",
+                    "rpc.method": "Method",
+                    "igny8.account_id": 42,
+                }),
+                "{text}"
+            );
+        }
+        assert_eq!(parsed[0]["fields"]["error"], "quote \" and\nnewline");
+    }
+
+    #[test]
+    fn json_objects_merge() {
+        let cases = [
+            ("", "{}", ""),
+            ("", r#"{"a":1}"#, r#"{"a":1}"#),
+            ("{}", r#"{"a":1}"#, r#"{"a":1}"#),
+            (r#"{"a":1}"#, "{}", r#"{"a":1}"#),
+            (r#"{"a":1}"#, r#"{"b":"}"}"#, r#"{"a":1,"b":"}"}"#),
+            (
+                r#"{"a":1,"b":2}"#,
+                r#"{"c":3,"d":4}"#,
+                r#"{"a":1,"b":2,"c":3,"d":4}"#,
+            ),
+        ];
+        for (current, added, merged) in cases {
+            let mut s = current.to_owned();
+            merge_json_objects(&mut s, added);
+            assert_eq!(s, merged, "{current} + {added}");
+        }
+    }
+}
