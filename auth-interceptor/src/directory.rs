@@ -2,8 +2,9 @@
 //! behind a cache whose staleness is bounded.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -80,7 +81,38 @@ pub trait Directory: Send + Sync + 'static {
         };
         Ok((user, account))
     }
+
+    /// [`Directory::user_with_account`] for each of `ids` (no repeats), in
+    /// the order given. A directory that can read many at once should
+    /// override this; the default reads them one by one.
+    async fn users_with_accounts(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<UserWithAccount>, DirectoryError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let (user, account) = self.user_with_account(id).await?;
+            found.push((id, user, account));
+        }
+        Ok(found)
+    }
+
+    /// [`Directory::account`] for each of `ids` (no repeats), in the order
+    /// given; the default reads them one by one.
+    async fn accounts(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, Option<AccountRecord>)>, DirectoryError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for &id in ids {
+            found.push((id, self.account(id).await?));
+        }
+        Ok(found)
+    }
 }
+
+/// A user id with what [`Directory::user_with_account`] answers for it.
+pub type UserWithAccount = (i64, Option<UserRecord>, Option<AccountRecord>);
 
 #[async_trait]
 impl<D: Directory + ?Sized> Directory for Arc<D> {
@@ -96,6 +128,30 @@ impl<D: Directory + ?Sized> Directory for Arc<D> {
     ) -> Result<(Option<UserRecord>, Option<AccountRecord>), DirectoryError> {
         (**self).user_with_account(id).await
     }
+    async fn users_with_accounts(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<UserWithAccount>, DirectoryError> {
+        (**self).users_with_accounts(ids).await
+    }
+    async fn accounts(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, Option<AccountRecord>)>, DirectoryError> {
+        (**self).accounts(ids).await
+    }
+}
+
+/// Users joined to their account (`LEFT JOIN`: the account columns are NULL
+/// for a user in no account), restricted by `$where`.
+macro_rules! user_with_account {
+    ($where:literal) => {
+        concat!(
+            "SELECT u.id, u.account_id, u.role, u.is_active, a.id, a.status \
+             FROM users u LEFT JOIN accounts a ON a.id = u.account_id ",
+            $where
+        )
+    };
 }
 
 /// The directory in the service's own database (PostgreSQL or SQLite).
@@ -139,26 +195,108 @@ impl Directory for SqlDirectory {
         &self,
         id: i64,
     ) -> Result<(Option<UserRecord>, Option<AccountRecord>), DirectoryError> {
-        const SQL: &str = "SELECT u.id, u.account_id, u.role, u.is_active, a.id, a.status \
-             FROM users u LEFT JOIN accounts a ON a.id = u.account_id WHERE u.id = $1";
-        type Row = (i64, Option<i64>, String, bool, Option<i64>, Option<String>);
-        let row: Option<Row> =
+        const SQL: &str = user_with_account!("WHERE u.id = $1");
+        let row: Option<UserAccountRow> =
             on_pool!(&self.db, pool => sqlx::query_as(SQL).bind(id).fetch_optional(pool).await)
                 .map_err(unavailable)?;
         Ok(match row {
             None => (None, None),
-            Some((id, account_id, role, is_active, account, status)) => (
-                Some(UserRecord {
-                    id,
-                    account_id,
-                    role,
-                    is_active,
-                }),
-                account
-                    .zip(status)
-                    .map(|(account, status)| account_record(account, &status)),
-            ),
+            Some(row) => {
+                let (_, user, account) = user_with_account(row);
+                (user, account)
+            }
         })
+    }
+
+    /// One read for all of `ids`.
+    #[tracing::instrument(level = "debug", skip_all, fields(ids = ids.len()), err)]
+    async fn users_with_accounts(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<UserWithAccount>, DirectoryError> {
+        let rows: Vec<UserAccountRow> = self
+            .fetch_by_ids(
+                user_with_account!("WHERE u.id = ANY($1)"),
+                user_with_account!("WHERE u.id IN (SELECT value FROM json_each($1))"),
+                ids,
+            )
+            .await?;
+        let mut found: HashMap<i64, UserWithAccount> = rows
+            .into_iter()
+            .map(|row| (row.0, user_with_account(row)))
+            .collect();
+        Ok(ids
+            .iter()
+            .map(|id| found.remove(id).unwrap_or((*id, None, None)))
+            .collect())
+    }
+
+    /// One read for all of `ids`.
+    #[tracing::instrument(level = "debug", skip_all, fields(ids = ids.len()), err)]
+    async fn accounts(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, Option<AccountRecord>)>, DirectoryError> {
+        let rows: Vec<(i64, String)> = self
+            .fetch_by_ids(
+                "SELECT id, status FROM accounts WHERE id = ANY($1)",
+                "SELECT id, status FROM accounts WHERE id IN (SELECT value FROM json_each($1))",
+                ids,
+            )
+            .await?;
+        let found: HashMap<i64, String> = rows.into_iter().collect();
+        Ok(ids
+            .iter()
+            .map(|&id| (id, found.get(&id).map(|status| account_record(id, status))))
+            .collect())
+    }
+}
+
+type UserAccountRow = (i64, Option<i64>, String, bool, Option<i64>, Option<String>);
+
+fn user_with_account(
+    (id, account_id, role, is_active, account, status): UserAccountRow,
+) -> UserWithAccount {
+    (
+        id,
+        Some(UserRecord {
+            id,
+            account_id,
+            role,
+            is_active,
+        }),
+        account
+            .zip(status)
+            .map(|(account, status)| account_record(account, &status)),
+    )
+}
+
+impl SqlDirectory {
+    /// The rows of `ids`, in one statement: `postgres` takes them as an
+    /// array, `sqlite` as a JSON array.
+    async fn fetch_by_ids<R>(
+        &self,
+        postgres: &'static str,
+        sqlite: &'static str,
+        ids: &[i64],
+    ) -> Result<Vec<R>, DirectoryError>
+    where
+        R: Send
+            + Unpin
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
+        match &self.db {
+            Db::Postgres(pool) => sqlx::query_as(postgres).bind(ids).fetch_all(pool).await,
+            Db::Sqlite(pool) => {
+                let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                sqlx::query_as(sqlite)
+                    .bind(format!("[{list}]"))
+                    .fetch_all(pool)
+                    .await
+            }
+        }
+        .map_err(unavailable)
     }
 }
 
@@ -200,8 +338,26 @@ pub struct CachedDirectory<D> {
 /// One cache of answers, with the keys being read again in the background.
 struct Tier<V> {
     cache: Cache<i64, (Instant, V)>,
-    renewing: Arc<Mutex<HashSet<i64>>>,
+    renewals: Arc<Mutex<Renewals>>,
 }
+
+/// Keys queued for, or in, a background read.
+#[derive(Default)]
+struct Renewals {
+    /// Queued or being read: not queued again.
+    members: HashSet<i64>,
+    /// Waiting for the next read.
+    queued: Vec<i64>,
+    /// A task will take `queued`.
+    scheduled: bool,
+}
+
+/// How long renewals gather before one read takes them all: a small part of
+/// the quarter of the TTL left when a key is queued.
+const RENEW_GATHER: Duration = Duration::from_millis(20);
+
+/// The most keys one renewal read asks for.
+const RENEW_BATCH: usize = 500;
 
 impl<V: Clone + Send + Sync + 'static> Tier<V> {
     fn new(ttl: Duration) -> Self {
@@ -210,8 +366,50 @@ impl<V: Clone + Send + Sync + 'static> Tier<V> {
                 .max_capacity(100_000)
                 .time_to_live(ttl)
                 .build(),
-            renewing: Arc::default(),
+            renewals: Arc::default(),
         }
+    }
+
+    /// Queues `id` to be read again in the background, unless it is queued
+    /// or being read already. Keys queued within [`RENEW_GATHER`] of each
+    /// other are read together, by `read` (at most [`RENEW_BATCH`] per call),
+    /// which stores what it finds; a failed read leaves the cached answers
+    /// to expire as usual. Outside a Tokio runtime nothing is renewed.
+    fn renew<F, Fut>(&self, id: i64, read: F)
+    where
+        F: Fn(Vec<i64>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            let mut renewals = self.renewals.lock().expect("renewals lock");
+            if !renewals.members.insert(id) {
+                return;
+            }
+            renewals.queued.push(id);
+            if renewals.scheduled {
+                return;
+            }
+            renewals.scheduled = true;
+        }
+        let renewals = self.renewals.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(RENEW_GATHER).await;
+            let ids = {
+                let mut renewals = renewals.lock().expect("renewals lock");
+                renewals.scheduled = false;
+                std::mem::take(&mut renewals.queued)
+            };
+            for chunk in ids.chunks(RENEW_BATCH) {
+                read(chunk.to_vec()).await;
+            }
+            let mut renewals = renewals.lock().expect("renewals lock");
+            for id in &ids {
+                renewals.members.remove(id);
+            }
+        });
     }
 }
 
@@ -232,23 +430,68 @@ impl<D: Directory> CachedDirectory<D> {
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
+
+    /// Reads users with their accounts and caches both (the account aged
+    /// from the same read).
+    fn user_reader(
+        &self,
+    ) -> impl Fn(Vec<i64>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static {
+        let inner = self.inner.clone();
+        let users = self.users.cache.clone();
+        let accounts = self.accounts.cache.clone();
+        move |ids| {
+            let (inner, users, accounts) = (inner.clone(), users.clone(), accounts.clone());
+            Box::pin(async move {
+                let started = Instant::now();
+                let Ok(found) = inner.users_with_accounts(&ids).await else {
+                    return;
+                };
+                for (id, user, account) in found {
+                    if let Some(account_id) = user.as_ref().and_then(|u| u.account_id) {
+                        accounts.insert(account_id, (started, account)).await;
+                    }
+                    users.insert(id, (started, user)).await;
+                }
+            })
+        }
+    }
+
+    /// Reads accounts and caches them.
+    fn account_reader(
+        &self,
+    ) -> impl Fn(Vec<i64>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static {
+        let inner = self.inner.clone();
+        let accounts = self.accounts.cache.clone();
+        move |ids| {
+            let (inner, accounts) = (inner.clone(), accounts.clone());
+            Box::pin(async move {
+                let started = Instant::now();
+                let Ok(found) = inner.accounts(&ids).await else {
+                    return;
+                };
+                for (id, account) in found {
+                    accounts.insert(id, (started, account)).await;
+                }
+            })
+        }
+    }
 }
 
-/// A cached answer no older than `ttl`, counted from the start of its read;
-/// past three quarters of it, read again in the background.
+/// A cached answer no older than `ttl`, counted from the start of its read,
+/// and whether it is past three quarters of `ttl` (time to read it again).
 async fn fresh<V, F, Fut>(
     tier: &Tier<V>,
     id: i64,
     ttl: Duration,
     load: F,
-) -> Result<V, DirectoryError>
+) -> Result<(V, bool), DirectoryError>
 where
     V: Clone + Send + Sync + 'static,
     F: Fn() -> Fut,
     Fut: Future<Output = Result<V, DirectoryError>> + Send + 'static,
 {
     if ttl.is_zero() {
-        return load().await;
+        return Ok((load().await?, false));
     }
     let cache = &tier.cache;
     // A hit (nearly every call) builds no read: `try_get_with` would need
@@ -266,10 +509,7 @@ where
     };
     let age = read_at.elapsed();
     if age < ttl {
-        if age >= ttl / 4 * 3 {
-            renew(tier, id, load());
-        }
-        return Ok(value);
+        return Ok((value, age >= ttl / 4 * 3));
     }
     // The read that produced this answer began too long ago (it was slow,
     // or this call joined it late): read again, now.
@@ -277,32 +517,7 @@ where
     let started = Instant::now();
     let value = load().await?;
     cache.insert(id, (started, value.clone())).await;
-    Ok(value)
-}
-
-/// Reads `id` again in the background unless a read of it is under way
-/// (outside a Tokio runtime, it is left to expire). A failed read leaves the
-/// cached answer to expire as usual.
-fn renew<V, Fut>(tier: &Tier<V>, id: i64, read: Fut)
-where
-    V: Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<V, DirectoryError>> + Send + 'static,
-{
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    if !tier.renewing.lock().expect("renewing lock").insert(id) {
-        return;
-    }
-    let cache = tier.cache.clone();
-    let renewing = tier.renewing.clone();
-    runtime.spawn(async move {
-        let started = Instant::now();
-        if let Ok(value) = read.await {
-            cache.insert(id, (started, value)).await;
-        }
-        renewing.lock().expect("renewing lock").remove(&id);
-    });
+    Ok((value, false))
 }
 
 #[async_trait]
@@ -311,7 +526,7 @@ impl<D: Directory> Directory for CachedDirectory<D> {
     /// (the account aged from the same read), so the account lookup that
     /// follows in the same request is answered from memory.
     async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
-        fresh(&self.users, id, self.ttl, || {
+        let (user, renew) = fresh(&self.users, id, self.ttl, || {
             let inner = self.inner.clone();
             let accounts = self.accounts.cache.clone();
             let ttl = self.ttl;
@@ -326,15 +541,23 @@ impl<D: Directory> Directory for CachedDirectory<D> {
                 Ok(user)
             }
         })
-        .await
+        .await?;
+        if renew {
+            self.users.renew(id, self.user_reader());
+        }
+        Ok(user)
     }
 
     async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError> {
-        fresh(&self.accounts, id, self.ttl, || {
+        let (account, renew) = fresh(&self.accounts, id, self.ttl, || {
             let inner = self.inner.clone();
             async move { inner.account(id).await }
         })
-        .await
+        .await?;
+        if renew {
+            self.accounts.renew(id, self.account_reader());
+        }
+        Ok(account)
     }
 }
 
@@ -358,6 +581,8 @@ mod tests {
         down: Mutex<bool>,
         /// Extra latency of each load.
         delay_ms: u64,
+        /// Calls of `users_with_accounts`.
+        batches: AtomicUsize,
     }
 
     #[async_trait]
@@ -382,6 +607,81 @@ mod tests {
             self.account_loads.fetch_add(1, Ordering::SeqCst);
             Ok(Some(account_record(id, "active")))
         }
+        async fn users_with_accounts(
+            &self,
+            ids: &[i64],
+        ) -> Result<Vec<UserWithAccount>, DirectoryError> {
+            // One read, however many keys (as one statement would be).
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            self.loads.fetch_add(ids.len(), Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let active = *self.active.lock().unwrap();
+            Ok(ids
+                .iter()
+                .map(|&id| {
+                    let user = UserRecord {
+                        id,
+                        account_id: Some(1),
+                        role: "owner".into(),
+                        is_active: active,
+                    };
+                    (id, Some(user), Some(account_record(1, "active")))
+                })
+                .collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_near_expiry_are_renewed_together() {
+        let inner = Arc::new(Counting::default());
+        *inner.active.lock().unwrap() = true;
+        let cached = Arc::new(CachedDirectory::new(inner.clone(), MAX_CACHE_TTL));
+        let ids: Vec<i64> = (1..=50).collect();
+        // All read at once, so all reach three quarters of the TTL together.
+        let first: Vec<_> = ids
+            .iter()
+            .map(|&id| {
+                let c = cached.clone();
+                tokio::spawn(async move { c.user(id).await })
+            })
+            .collect();
+        for read in first {
+            read.await.unwrap().unwrap();
+        }
+        assert_eq!(inner.loads.load(Ordering::SeqCst), 50);
+        tokio::time::sleep(MAX_CACHE_TTL / 4 * 3 + Duration::from_millis(10)).await;
+        *inner.active.lock().unwrap() = false;
+        // Every key is asked for near expiry, several times (well within
+        // the time renewals gather): each is answered from memory and read
+        // again once, all in one batch.
+        for _ in 0..3 {
+            for &id in &ids {
+                assert!(cached.user(id).await.unwrap().unwrap().is_active);
+            }
+        }
+        let renewed = async {
+            while inner.loads.load(Ordering::SeqCst) < 100 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), renewed)
+            .await
+            .expect("every key was read again");
+        assert_eq!(inner.batches.load(Ordering::SeqCst), 1, "one batch read");
+        let served = async {
+            for &id in &ids {
+                while cached.user(id).await.unwrap().unwrap().is_active {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the renewed answers are served");
+        assert_eq!(inner.loads.load(Ordering::SeqCst), 100, "no other read");
     }
 
     #[tokio::test]

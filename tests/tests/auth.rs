@@ -610,7 +610,8 @@ async fn permission_matrix(b: Backend) {
 
 /// The directory's one-read lookup of a user and their account answers
 /// exactly what the two separate reads answer: a member, a member of a
-/// suspended account, a user in no account, an unknown user.
+/// suspended account, a user in no account, an unknown user. So do the
+/// reads of many at once.
 async fn user_with_account_is_the_two_reads_in_one(b: Backend) {
     let db = directory(b).await;
     let dir = SqlDirectory::new(db.db.clone());
@@ -631,6 +632,26 @@ async fn user_with_account_is_the_two_reads_in_one(b: Backend) {
     assert_eq!(dir.user_with_account(999).await.unwrap(), (None, None));
     let (user, account) = dir.user_with_account(16).await.unwrap();
     assert_eq!((user.map(|u| u.account_id), account), (Some(None), None));
+
+    // The batch reads (background renewals) answer what the single reads
+    // answer, in the order asked, unknown ids included.
+    let ids = [18, 999, 11, 16, 17, 20];
+    let batch = dir.users_with_accounts(&ids).await.unwrap();
+    let mut single = Vec::new();
+    for id in ids {
+        let (user, account) = dir.user_with_account(id).await.unwrap();
+        single.push((id, user, account));
+    }
+    assert_eq!(batch, single);
+    let ids = [SUSPENDED, 999, A1, A2];
+    let batch = dir.accounts(&ids).await.unwrap();
+    let mut single = Vec::new();
+    for id in ids {
+        single.push((id, dir.account(id).await.unwrap()));
+    }
+    assert_eq!(batch, single);
+    assert_eq!(batch[1], (999, None));
+    assert!(dir.users_with_accounts(&[]).await.unwrap().is_empty());
 }
 
 on_both_backends!(
