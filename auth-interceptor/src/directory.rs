@@ -339,6 +339,9 @@ pub struct CachedDirectory<D> {
 struct Tier<V> {
     cache: Cache<i64, (Instant, V)>,
     renewals: Arc<Mutex<Renewals>>,
+    /// How long renewals gather: [`RENEW_GATHER`], or a sixteenth of a
+    /// shorter TTL's, so they still land before expiry.
+    gather: Duration,
 }
 
 /// Keys queued for, or in, a background read.
@@ -352,8 +355,8 @@ struct Renewals {
     scheduled: bool,
 }
 
-/// How long renewals gather before one read takes them all: a small part of
-/// the quarter of the TTL left when a key is queued.
+/// How long renewals gather before one read takes them all, at most: a small
+/// part of the quarter of the TTL left when a key is queued.
 const RENEW_GATHER: Duration = Duration::from_millis(20);
 
 /// The most keys one renewal read asks for.
@@ -367,11 +370,12 @@ impl<V: Clone + Send + Sync + 'static> Tier<V> {
                 .time_to_live(ttl)
                 .build(),
             renewals: Arc::default(),
+            gather: RENEW_GATHER.min(ttl / 16),
         }
     }
 
     /// Queues `id` to be read again in the background, unless it is queued
-    /// or being read already. Keys queued within [`RENEW_GATHER`] of each
+    /// or being read already. Keys queued within `gather` of each
     /// other are read together, by `read` (at most [`RENEW_BATCH`] per call),
     /// which stores what it finds; a failed read leaves the cached answers
     /// to expire as usual. Outside a Tokio runtime nothing is renewed.
@@ -395,8 +399,9 @@ impl<V: Clone + Send + Sync + 'static> Tier<V> {
             renewals.scheduled = true;
         }
         let renewals = self.renewals.clone();
+        let gather = self.gather;
         runtime.spawn(async move {
-            tokio::time::sleep(RENEW_GATHER).await;
+            tokio::time::sleep(gather).await;
             let ids = {
                 let mut renewals = renewals.lock().expect("renewals lock");
                 renewals.scheduled = false;
