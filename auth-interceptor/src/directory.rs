@@ -4,7 +4,6 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
-    pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -376,12 +375,12 @@ impl<V: Clone + Send + Sync + 'static> Tier<V> {
 
     /// Queues `id` to be read again in the background, unless it is queued
     /// or being read already. Keys queued within `gather` of each
-    /// other are read together, by `read` (at most [`RENEW_BATCH`] per call),
-    /// which stores what it finds; a failed read leaves the cached answers
-    /// to expire as usual. Outside a Tokio runtime nothing is renewed.
+    /// other are read together, by `read`, which stores what it finds; a
+    /// failed read leaves the cached answers to expire as usual. Outside a
+    /// Tokio runtime nothing is renewed.
     fn renew<F, Fut>(&self, id: i64, read: F)
     where
-        F: Fn(Vec<i64>) -> Fut + Send + 'static,
+        F: FnOnce(Vec<i64>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -407,9 +406,7 @@ impl<V: Clone + Send + Sync + 'static> Tier<V> {
                 renewals.scheduled = false;
                 std::mem::take(&mut renewals.queued)
             };
-            for chunk in ids.chunks(RENEW_BATCH) {
-                read(chunk.to_vec()).await;
-            }
+            read(ids.clone()).await;
             let mut renewals = renewals.lock().expect("renewals lock");
             for id in &ids {
                 renewals.members.remove(id);
@@ -435,50 +432,55 @@ impl<D: Directory> CachedDirectory<D> {
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
+}
 
-    /// Reads users with their accounts and caches both (the account aged
-    /// from the same read).
-    fn user_reader(
-        &self,
-    ) -> impl Fn(Vec<i64>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static {
-        let inner = self.inner.clone();
-        let users = self.users.cache.clone();
-        let accounts = self.accounts.cache.clone();
-        move |ids| {
-            let (inner, users, accounts) = (inner.clone(), users.clone(), accounts.clone());
-            Box::pin(async move {
-                let started = Instant::now();
-                let Ok(found) = inner.users_with_accounts(&ids).await else {
-                    return;
-                };
-                for (id, user, account) in found {
-                    if let Some(account_id) = user.as_ref().and_then(|u| u.account_id) {
-                        accounts.insert(account_id, (started, account)).await;
-                    }
-                    users.insert(id, (started, user)).await;
-                }
-            })
+/// Reads `ids` again, [`RENEW_BATCH`] at a time, and caches each user with
+/// their account (aged from the same read).
+async fn renew_users<D: Directory>(
+    inner: Arc<D>,
+    users: Cache<i64, (Instant, Option<UserRecord>)>,
+    accounts: Cache<i64, (Instant, Option<AccountRecord>)>,
+    ids: Vec<i64>,
+) {
+    for chunk in ids.chunks(RENEW_BATCH) {
+        let started = Instant::now();
+        let Ok(found) = inner.users_with_accounts(chunk).await else {
+            continue;
+        };
+        for (id, user, account) in found {
+            cache_account_of(&accounts, started, user.as_ref(), account).await;
+            users.insert(id, (started, user)).await;
         }
     }
+}
 
-    /// Reads accounts and caches them.
-    fn account_reader(
-        &self,
-    ) -> impl Fn(Vec<i64>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static {
-        let inner = self.inner.clone();
-        let accounts = self.accounts.cache.clone();
-        move |ids| {
-            let (inner, accounts) = (inner.clone(), accounts.clone());
-            Box::pin(async move {
-                let started = Instant::now();
-                let Ok(found) = inner.accounts(&ids).await else {
-                    return;
-                };
-                for (id, account) in found {
-                    accounts.insert(id, (started, account)).await;
-                }
-            })
+/// Reads `ids` again, [`RENEW_BATCH`] at a time, and caches them.
+async fn renew_accounts<D: Directory>(
+    inner: Arc<D>,
+    accounts: Cache<i64, (Instant, Option<AccountRecord>)>,
+    ids: Vec<i64>,
+) {
+    for chunk in ids.chunks(RENEW_BATCH) {
+        let started = Instant::now();
+        let Ok(found) = inner.accounts(chunk).await else {
+            continue;
+        };
+        for (id, account) in found {
+            accounts.insert(id, (started, account)).await;
         }
+    }
+}
+
+/// Caches the account read with `user` (when they have one), aged from the
+/// same read.
+async fn cache_account_of(
+    accounts: &Cache<i64, (Instant, Option<AccountRecord>)>,
+    started: Instant,
+    user: Option<&UserRecord>,
+    account: Option<AccountRecord>,
+) {
+    if let Some(account_id) = user.and_then(|u| u.account_id) {
+        accounts.insert(account_id, (started, account)).await;
     }
 }
 
@@ -538,17 +540,18 @@ impl<D: Directory> Directory for CachedDirectory<D> {
             async move {
                 let started = Instant::now();
                 let (user, account) = inner.user_with_account(id).await?;
-                if let Some(account_id) = user.as_ref().and_then(|u| u.account_id)
-                    && !ttl.is_zero()
-                {
-                    accounts.insert(account_id, (started, account)).await;
+                if !ttl.is_zero() {
+                    cache_account_of(&accounts, started, user.as_ref(), account).await;
                 }
                 Ok(user)
             }
         })
         .await?;
         if renew {
-            self.users.renew(id, self.user_reader());
+            let (inner, users) = (self.inner.clone(), self.users.cache.clone());
+            let accounts = self.accounts.cache.clone();
+            self.users
+                .renew(id, move |ids| renew_users(inner, users, accounts, ids));
         }
         Ok(user)
     }
@@ -560,7 +563,9 @@ impl<D: Directory> Directory for CachedDirectory<D> {
         })
         .await?;
         if renew {
-            self.accounts.renew(id, self.account_reader());
+            let (inner, accounts) = (self.inner.clone(), self.accounts.cache.clone());
+            self.accounts
+                .renew(id, move |ids| renew_accounts(inner, accounts, ids));
         }
         Ok(account)
     }
@@ -590,6 +595,34 @@ mod tests {
         batches: AtomicUsize,
     }
 
+    impl Counting {
+        /// User `id`, an owner of account 1, active as the test last set.
+        fn record(&self, id: i64) -> UserRecord {
+            UserRecord {
+                id,
+                account_id: Some(1),
+                role: "owner".into(),
+                is_active: *self.active.lock().unwrap(),
+            }
+        }
+    }
+
+    /// Waits until `done` answers true, checking every 5 ms, for at most 5 s.
+    async fn wait_until<F, Fut>(what: &str, mut done: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let wait = async {
+            while !done().await {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect(what);
+    }
+
     #[async_trait]
     impl Directory for Counting {
         async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
@@ -601,12 +634,7 @@ mod tests {
             if *self.down.lock().unwrap() {
                 return Err(DirectoryError("down".into()));
             }
-            Ok(Some(UserRecord {
-                id,
-                account_id: Some(1),
-                role: "owner".into(),
-                is_active: *self.active.lock().unwrap(),
-            }))
+            Ok(Some(self.record(id)))
         }
         async fn account(&self, id: i64) -> Result<Option<AccountRecord>, DirectoryError> {
             self.account_loads.fetch_add(1, Ordering::SeqCst);
@@ -623,18 +651,9 @@ mod tests {
                 gate.acquire().await.unwrap().forget();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let active = *self.active.lock().unwrap();
             Ok(ids
                 .iter()
-                .map(|&id| {
-                    let user = UserRecord {
-                        id,
-                        account_id: Some(1),
-                        role: "owner".into(),
-                        is_active: active,
-                    };
-                    (id, Some(user), Some(account_record(1, "active")))
-                })
+                .map(|&id| (id, Some(self.record(id)), Some(account_record(1, "active"))))
                 .collect())
         }
     }
@@ -667,25 +686,17 @@ mod tests {
                 assert!(cached.user(id).await.unwrap().unwrap().is_active);
             }
         }
-        let renewed = async {
-            while inner.loads.load(Ordering::SeqCst) < 100 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), renewed)
-            .await
-            .expect("every key was read again");
+        wait_until("every key was read again", || async {
+            inner.loads.load(Ordering::SeqCst) >= 100
+        })
+        .await;
         assert_eq!(inner.batches.load(Ordering::SeqCst), 1, "one batch read");
-        let served = async {
-            for &id in &ids {
-                while cached.user(id).await.unwrap().unwrap().is_active {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), served)
-            .await
-            .expect("the renewed answers are served");
+        for &id in &ids {
+            wait_until("the renewed answers are served", || async {
+                !cached.user(id).await.unwrap().unwrap().is_active
+            })
+            .await;
+        }
         assert_eq!(inner.loads.load(Ordering::SeqCst), 100, "no other read");
     }
 
@@ -711,24 +722,16 @@ mod tests {
         for call in calls.collect::<Vec<_>>() {
             assert!(call.await.unwrap().unwrap().unwrap().is_active);
         }
-        let renewal_started = async {
-            while inner.loads.load(Ordering::SeqCst) < 2 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), renewal_started)
-            .await
-            .expect("a renewal started");
+        wait_until("a renewal started", || async {
+            inner.loads.load(Ordering::SeqCst) >= 2
+        })
+        .await;
         gate.add_permits(1);
         // The renewed answer replaces the old one, without another read.
-        let renewed = async {
-            while cached.user(1).await.unwrap().unwrap().is_active {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), renewed)
-            .await
-            .expect("the renewed answer is served");
+        wait_until("the renewed answer is served", || async {
+            !cached.user(1).await.unwrap().unwrap().is_active
+        })
+        .await;
         assert_eq!(inner.loads.load(Ordering::SeqCst), 2, "one renewal");
     }
 

@@ -34,66 +34,32 @@ fn logged(field: &Field) -> bool {
 /// Passes the [`logged`] fields on to `V`.
 struct Logged<'a, V>(&'a mut V);
 
+/// Forwards each `record_*` method to `V` for [`logged`] fields only.
+macro_rules! forward_logged {
+    ($($method:ident($value:ty)),* $(,)?) => {
+        $(
+            fn $method(&mut self, field: &Field, value: $value) {
+                if logged(field) {
+                    self.0.$method(field, value);
+                }
+            }
+        )*
+    };
+}
+
 impl<V: Visit> Visit for Logged<'_, V> {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        if logged(field) {
-            self.0.record_f64(field, value);
-        }
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        if logged(field) {
-            self.0.record_i64(field, value);
-        }
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        if logged(field) {
-            self.0.record_u64(field, value);
-        }
-    }
-
-    fn record_i128(&mut self, field: &Field, value: i128) {
-        if logged(field) {
-            self.0.record_i128(field, value);
-        }
-    }
-
-    fn record_u128(&mut self, field: &Field, value: u128) {
-        if logged(field) {
-            self.0.record_u128(field, value);
-        }
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        if logged(field) {
-            self.0.record_bool(field, value);
-        }
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if logged(field) {
-            self.0.record_str(field, value);
-        }
-    }
-
-    fn record_bytes(&mut self, field: &Field, value: &[u8]) {
-        if logged(field) {
-            self.0.record_bytes(field, value);
-        }
-    }
-
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        if logged(field) {
-            self.0.record_error(field, value);
-        }
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if logged(field) {
-            self.0.record_debug(field, value);
-        }
-    }
+    forward_logged!(
+        record_f64(f64),
+        record_i64(i64),
+        record_u64(u64),
+        record_i128(i128),
+        record_u128(u128),
+        record_bool(bool),
+        record_str(&str),
+        record_bytes(&[u8]),
+        record_error(&(dyn std::error::Error + 'static)),
+        record_debug(&dyn fmt::Debug),
+    );
 }
 
 /// Whether any of `fields` is [`logged`], without formatting any value.
