@@ -10,7 +10,9 @@ use std::{
 
 use async_trait::async_trait;
 use igny8_db::{Db, on_pool};
-use moka::future::Cache;
+use tokio::sync::OnceCell;
+
+use crate::memo::Memo;
 
 /// How long a directory answer may be served from memory. Changes made by the
 /// platform (user moved, deactivated, role changed, account suspended) are
@@ -336,7 +338,10 @@ pub struct CachedDirectory<D> {
 
 /// One cache of answers, with the keys being read again in the background.
 struct Tier<V> {
-    cache: Cache<i64, (Instant, V)>,
+    answers: Answers<V>,
+    /// Reads of keys that missed, in progress: a caller that misses the
+    /// same key meanwhile waits for that read instead of starting its own.
+    loading: Mutex<HashMap<i64, Arc<Loading<V>>>>,
     renewals: Arc<Mutex<Renewals>>,
     /// How long renewals gather: [`RENEW_GATHER`], or a sixteenth of a
     /// shorter TTL's, so they still land before expiry.
@@ -354,6 +359,77 @@ struct Renewals {
     scheduled: bool,
 }
 
+/// The answer of one read for a key that missed, shared by every caller
+/// that missed it meanwhile (a failure too: failures are not cached, but
+/// the callers that waited for that read get its answer).
+type Loading<V> = OnceCell<Result<(Instant, V), DirectoryError>>;
+
+/// Answers and when the read that produced each began.
+struct Answers<V> {
+    memo: Arc<Memo<i64, (Instant, V)>>,
+    ttl: Duration,
+}
+
+// Not derived: `V` need not be `Clone` for the handle to be.
+impl<V> Clone for Answers<V> {
+    fn clone(&self) -> Self {
+        Self {
+            memo: self.memo.clone(),
+            ttl: self.ttl,
+        }
+    }
+}
+
+/// At most this many answers per tier; when full, stale answers are
+/// dropped first, then the oldest.
+const TIER_CAPACITY: usize = 100_000;
+
+impl<V: Clone> Answers<V> {
+    fn get(&self, id: i64) -> Option<(Instant, V)> {
+        self.memo.get(&id)
+    }
+
+    /// Stores `value`, read by a read that began at `read_at`.
+    fn put(&self, id: i64, read_at: Instant, value: V) {
+        let ttl = self.ttl;
+        self.memo
+            .insert(id, (read_at, value), Instant::now(), |(at, _)| *at + ttl);
+    }
+
+    fn remove(&self, id: i64) {
+        self.memo.remove(&id);
+    }
+}
+
+/// A caller's part in a [`Loading`] read: the last one out (or the first
+/// after the read ended) removes it from [`Tier::loading`], including when
+/// callers give up mid-read.
+struct Joined<'a, V> {
+    loading: &'a Mutex<HashMap<i64, Arc<Loading<V>>>>,
+    id: i64,
+    cell: Arc<Loading<V>>,
+}
+
+impl<V> Drop for Joined<'_, V> {
+    fn drop(&mut self) {
+        let mut loading = lock(self.loading);
+        // Callers join under this lock, so the count is exact: 2 is the map
+        // and this caller.
+        let ours = loading
+            .get(&self.id)
+            .is_some_and(|cell| Arc::ptr_eq(cell, &self.cell));
+        if ours && (self.cell.initialized() || Arc::strong_count(&self.cell) == 2) {
+            loading.remove(&self.id);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// How long renewals gather before one read takes them all, at most: a small
 /// part of the quarter of the TTL left when a key is queued.
 const RENEW_GATHER: Duration = Duration::from_millis(20);
@@ -364,10 +440,11 @@ const RENEW_BATCH: usize = 500;
 impl<V: Clone + Send + Sync + 'static> Tier<V> {
     fn new(ttl: Duration) -> Self {
         Self {
-            cache: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(ttl)
-                .build(),
+            answers: Answers {
+                memo: Arc::new(Memo::new(TIER_CAPACITY)),
+                ttl,
+            },
+            loading: Mutex::default(),
             renewals: Arc::default(),
             gather: RENEW_GATHER.min(ttl / 16),
         }
@@ -438,8 +515,8 @@ impl<D: Directory> CachedDirectory<D> {
 /// their account (aged from the same read).
 async fn renew_users<D: Directory>(
     inner: Arc<D>,
-    users: Cache<i64, (Instant, Option<UserRecord>)>,
-    accounts: Cache<i64, (Instant, Option<AccountRecord>)>,
+    users: Answers<Option<UserRecord>>,
+    accounts: Answers<Option<AccountRecord>>,
     ids: Vec<i64>,
 ) {
     for chunk in ids.chunks(RENEW_BATCH) {
@@ -448,8 +525,8 @@ async fn renew_users<D: Directory>(
             continue;
         };
         for (id, user, account) in found {
-            cache_account_of(&accounts, started, user.as_ref(), account).await;
-            users.insert(id, (started, user)).await;
+            cache_account_of(&accounts, started, user.as_ref(), account);
+            users.put(id, started, user);
         }
     }
 }
@@ -457,7 +534,7 @@ async fn renew_users<D: Directory>(
 /// Reads `ids` again, [`RENEW_BATCH`] at a time, and caches them.
 async fn renew_accounts<D: Directory>(
     inner: Arc<D>,
-    accounts: Cache<i64, (Instant, Option<AccountRecord>)>,
+    accounts: Answers<Option<AccountRecord>>,
     ids: Vec<i64>,
 ) {
     for chunk in ids.chunks(RENEW_BATCH) {
@@ -466,21 +543,21 @@ async fn renew_accounts<D: Directory>(
             continue;
         };
         for (id, account) in found {
-            accounts.insert(id, (started, account)).await;
+            accounts.put(id, started, account);
         }
     }
 }
 
 /// Caches the account read with `user` (when they have one), aged from the
 /// same read.
-async fn cache_account_of(
-    accounts: &Cache<i64, (Instant, Option<AccountRecord>)>,
+fn cache_account_of(
+    accounts: &Answers<Option<AccountRecord>>,
     started: Instant,
     user: Option<&UserRecord>,
     account: Option<AccountRecord>,
 ) {
     if let Some(account_id) = user.and_then(|u| u.account_id) {
-        accounts.insert(account_id, (started, account)).await;
+        accounts.put(account_id, started, account);
     }
 }
 
@@ -500,18 +577,30 @@ where
     if ttl.is_zero() {
         return Ok((load().await?, false));
     }
-    let cache = &tier.cache;
-    // A hit (nearly every call) builds no read: `try_get_with` would need
-    // the read's future, and its own bookkeeping, before looking.
-    let (read_at, value) = match cache.get(&id).await {
+    let (read_at, value) = match tier.answers.get(id) {
         Some(hit) => hit,
         None => {
-            let started = Instant::now();
-            let read = load();
-            cache
-                .try_get_with(id, async move { read.await.map(|v| (started, v)) })
+            let joined = {
+                let mut loading = lock(&tier.loading);
+                Joined {
+                    loading: &tier.loading,
+                    id,
+                    cell: loading.entry(id).or_default().clone(),
+                }
+            };
+            let answers = &tier.answers;
+            joined
+                .cell
+                .get_or_init(|| async {
+                    let started = Instant::now();
+                    let read = load().await.map(|v| (started, v));
+                    if let Ok((_, value)) = &read {
+                        answers.put(id, started, value.clone());
+                    }
+                    read
+                })
                 .await
-                .map_err(|e| (*e).clone())?
+                .clone()?
         }
     };
     let age = read_at.elapsed();
@@ -520,10 +609,10 @@ where
     }
     // The read that produced this answer began too long ago (it was slow,
     // or this call joined it late): read again, now.
-    cache.invalidate(&id).await;
+    tier.answers.remove(id);
     let started = Instant::now();
     let value = load().await?;
-    cache.insert(id, (started, value.clone())).await;
+    tier.answers.put(id, started, value.clone());
     Ok((value, false))
 }
 
@@ -535,21 +624,21 @@ impl<D: Directory> Directory for CachedDirectory<D> {
     async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
         let (user, renew) = fresh(&self.users, id, self.ttl, || {
             let inner = self.inner.clone();
-            let accounts = self.accounts.cache.clone();
+            let accounts = self.accounts.answers.clone();
             let ttl = self.ttl;
             async move {
                 let started = Instant::now();
                 let (user, account) = inner.user_with_account(id).await?;
                 if !ttl.is_zero() {
-                    cache_account_of(&accounts, started, user.as_ref(), account).await;
+                    cache_account_of(&accounts, started, user.as_ref(), account);
                 }
                 Ok(user)
             }
         })
         .await?;
         if renew {
-            let (inner, users) = (self.inner.clone(), self.users.cache.clone());
-            let accounts = self.accounts.cache.clone();
+            let (inner, users) = (self.inner.clone(), self.users.answers.clone());
+            let accounts = self.accounts.answers.clone();
             self.users
                 .renew(id, move |ids| renew_users(inner, users, accounts, ids));
         }
@@ -563,7 +652,7 @@ impl<D: Directory> Directory for CachedDirectory<D> {
         })
         .await?;
         if renew {
-            let (inner, accounts) = (self.inner.clone(), self.accounts.cache.clone());
+            let (inner, accounts) = (self.inner.clone(), self.accounts.answers.clone());
             self.accounts
                 .renew(id, move |ids| renew_accounts(inner, accounts, ids));
         }
@@ -817,5 +906,47 @@ mod tests {
             call.await.unwrap().unwrap();
         }
         assert_eq!(inner.loads.load(Ordering::SeqCst) - before, 1);
+        assert!(lock(&cached.users.loading).is_empty(), "the read is done");
+    }
+
+    #[tokio::test]
+    async fn a_read_every_caller_gave_up_on_is_started_again() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let inner = Arc::new(Counting {
+            gate: Some(gate.clone()),
+            ..Default::default()
+        });
+        *inner.active.lock().unwrap() = true;
+        let cached = Arc::new(CachedDirectory::new(inner.clone(), DEFAULT_CACHE_TTL));
+        // Three callers miss user 1 and wait for the one read, held at the
+        // gate; all three give up.
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let c = cached.clone();
+                tokio::spawn(async move { c.user(1).await })
+            })
+            .collect();
+        wait_until("the read started", || async {
+            inner.loads.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        // (A waiter takes over a read whose caller gave up, so each of
+        // them may have started one.)
+        for call in &calls {
+            call.abort();
+        }
+        for call in calls {
+            assert!(call.await.unwrap_err().is_cancelled());
+        }
+        assert!(
+            lock(&cached.users.loading).is_empty(),
+            "nothing left behind"
+        );
+        // The next caller reads again, and is answered.
+        let before = inner.loads.load(Ordering::SeqCst);
+        gate.add_permits(1);
+        assert!(cached.user(1).await.unwrap().unwrap().is_active);
+        assert_eq!(inner.loads.load(Ordering::SeqCst), before + 1);
+        assert!(lock(&cached.users.loading).is_empty());
     }
 }

@@ -25,6 +25,7 @@ mod directory;
 mod echo;
 mod error;
 mod layer;
+mod memo;
 mod metrics;
 mod policy;
 mod resolve;

@@ -18,7 +18,8 @@
 //! - **failures are not kept**: a token that fails is verified again on its
 //!   next use and fails again, so a failure can never become a success
 //!   (and a token that was merely early is accepted once its `nbf` passes);
-//! - **bounded** ([`TOKEN_CACHE_CAPACITY`] tokens, least useful evicted).
+//! - **bounded** ([`TOKEN_CACHE_CAPACITY`] tokens; when full, expired
+//!   tokens are dropped first, then the one that expires soonest).
 //!
 //! Only the signature and claims check is skipped. Who the token's user is,
 //! which account they are in and whether it is active are still resolved on
@@ -29,14 +30,14 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
-use moka::{Expiry, future::Cache};
 use sha2::{Digest, Sha256};
 
 use crate::{
     error::AuthError,
+    memo::Memo,
     verify::{TokenVerifier, VerifiedToken},
 };
 
@@ -51,28 +52,6 @@ struct Entry {
     valid_until: u64,
 }
 
-/// Drops each entry when its token stops verifying.
-struct UntilExpiry;
-
-impl Expiry<[u8; 32], Entry> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        entry: &Entry,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(remaining(entry.valid_until, SystemTime::now()))
-    }
-}
-
-/// Time from `now` until the end of Unix second `valid_until` begins
-/// (zero when it has passed).
-fn remaining(valid_until: u64, now: SystemTime) -> Duration {
-    (UNIX_EPOCH + Duration::from_secs(valid_until))
-        .duration_since(now)
-        .unwrap_or(Duration::ZERO)
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -83,7 +62,7 @@ fn unix_now() -> u64 {
 /// the module docs).
 pub struct TokenCache {
     verifier: TokenVerifier,
-    verified: Cache<[u8; 32], Entry>,
+    verified: Memo<[u8; 32], Entry>,
     /// Full verifications run (cache misses and failures).
     verifications: AtomicU64,
 }
@@ -92,7 +71,7 @@ impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenCache")
             .field("verifier", &self.verifier)
-            .field("entries", &self.verified.entry_count())
+            .field("entries", &self.verified.len())
             .finish()
     }
 }
@@ -102,10 +81,7 @@ impl TokenCache {
     pub fn new(verifier: TokenVerifier, capacity: u64) -> Self {
         Self {
             verifier,
-            verified: Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(UntilExpiry)
-                .build(),
+            verified: Memo::new(usize::try_from(capacity).unwrap_or(usize::MAX)),
             verifications: AtomicU64::new(0),
         }
     }
@@ -122,25 +98,27 @@ impl TokenCache {
             return self.verifier.verify(token).map(Arc::new);
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(entry) = self.verified.get(&key).await {
-            // The entry expires by itself at `valid_until`; the wall clock
-            // decides in case eviction runs late.
+        if let Some(entry) = self.verified.get(&key) {
+            // Past `valid_until` the entry is never served; it is dropped
+            // here, or when its shard needs the room.
             if unix_now() < entry.valid_until {
                 return Ok(entry.token);
             }
-            self.verified.invalidate(&key).await;
+            self.verified.remove(&key);
         }
         self.verifications.fetch_add(1, Ordering::Relaxed);
         let (verified, valid_until) = self.verifier.verify_until(token)?;
         let verified = Arc::new(verified);
-        if let Some(valid_until) = valid_until
-            && unix_now() < valid_until
-        {
-            let entry = Entry {
-                token: verified.clone(),
-                valid_until,
-            };
-            self.verified.insert(key, entry).await;
+        if let Some(valid_until) = valid_until {
+            let now = unix_now();
+            if now < valid_until {
+                let entry = Entry {
+                    token: verified.clone(),
+                    valid_until,
+                };
+                self.verified
+                    .insert(key, entry, now, |entry| entry.valid_until);
+            }
         }
         Ok(verified)
     }
@@ -151,10 +129,9 @@ impl TokenCache {
         self.verifications.load(Ordering::Relaxed)
     }
 
-    /// Tokens currently remembered (approximate; for tests and debugging).
+    /// Tokens currently remembered (for tests and debugging).
     pub async fn len(&self) -> u64 {
-        self.verified.run_pending_tasks().await;
-        self.verified.entry_count()
+        self.verified.len() as u64
     }
 
     /// True when no token is remembered.
@@ -167,6 +144,8 @@ impl TokenCache {
 mod tests {
     use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
     use hmac::{Hmac, Mac};
+
+    use std::time::Duration;
 
     use super::*;
     use crate::verify::{Principal, VerifierConfig};
@@ -292,6 +271,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_cache_keeps_its_bound_and_the_tokens_that_last() {
+        let cache = cache(0); // 100 tokens
+        let now = unix_now();
+        // 300 valid tokens, each expiring later than the one before.
+        let tokens: Vec<String> = (0..300)
+            .map(|i| sign(&access(i + 1, now + 3600 + i as u64), SECRET))
+            .collect();
+        for token in &tokens {
+            cache.verify(token).await.unwrap();
+            assert!(cache.len().await <= 100);
+        }
+        assert_eq!(cache.verifications(), 300);
+        // The last one expires latest: still remembered. The first, which
+        // expires soonest, made room long ago and is verified again.
+        cache.verify(&tokens[299]).await.unwrap();
+        assert_eq!(cache.verifications(), 300);
+        cache.verify(&tokens[0]).await.unwrap();
+        assert_eq!(cache.verifications(), 301);
+    }
+
+    #[tokio::test]
     async fn leeway_is_honoured_like_the_verifier_does() {
         // Expired 10 s ago, leeway 60 s: still valid, and cached.
         let cache = cache(60);
@@ -310,13 +310,5 @@ mod tests {
         );
         assert!(cache.verify(&early).await.is_err());
         assert!(cache.verify(&early).await.is_err());
-    }
-
-    #[test]
-    fn entries_expire_when_the_token_does() {
-        let now = UNIX_EPOCH + Duration::from_millis(1_000_500);
-        assert_eq!(remaining(1_010, now), Duration::from_millis(9_500));
-        assert_eq!(remaining(1_000, now), Duration::ZERO);
-        assert_eq!(remaining(0, now), Duration::ZERO);
     }
 }
