@@ -8,11 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::memo::{Flights, Memo};
 use async_trait::async_trait;
 use igny8_db::{Db, on_pool};
-use tokio::sync::OnceCell;
-
-use crate::memo::Memo;
 
 /// How long a directory answer may be served from memory. Changes made by the
 /// platform (user moved, deactivated, role changed, account suspended) are
@@ -341,7 +339,9 @@ struct Tier<V> {
     answers: Answers<V>,
     /// Reads of keys that missed, in progress: a caller that misses the
     /// same key meanwhile waits for that read instead of starting its own.
-    loading: Mutex<HashMap<i64, Arc<Loading<V>>>>,
+    /// A failure is not cached, but the callers that waited for that read
+    /// get its answer.
+    loading: Flights<i64, Result<(Instant, V), DirectoryError>>,
     renewals: Arc<Mutex<Renewals>>,
     /// How long renewals gather: [`RENEW_GATHER`], or a sixteenth of a
     /// shorter TTL's, so they still land before expiry.
@@ -358,11 +358,6 @@ struct Renewals {
     /// A task will take `queued`.
     scheduled: bool,
 }
-
-/// The answer of one read for a key that missed, shared by every caller
-/// that missed it meanwhile (a failure too: failures are not cached, but
-/// the callers that waited for that read get its answer).
-type Loading<V> = OnceCell<Result<(Instant, V), DirectoryError>>;
 
 /// Answers and when the read that produced each began.
 struct Answers<V> {
@@ -401,35 +396,6 @@ impl<V: Clone> Answers<V> {
     }
 }
 
-/// A caller's part in a [`Loading`] read: the last one out (or the first
-/// after the read ended) removes it from [`Tier::loading`], including when
-/// callers give up mid-read.
-struct Joined<'a, V> {
-    loading: &'a Mutex<HashMap<i64, Arc<Loading<V>>>>,
-    id: i64,
-    cell: Arc<Loading<V>>,
-}
-
-impl<V> Drop for Joined<'_, V> {
-    fn drop(&mut self) {
-        let mut loading = lock(self.loading);
-        // Callers join under this lock, so the count is exact: 2 is the map
-        // and this caller.
-        let ours = loading
-            .get(&self.id)
-            .is_some_and(|cell| Arc::ptr_eq(cell, &self.cell));
-        if ours && (self.cell.initialized() || Arc::strong_count(&self.cell) == 2) {
-            loading.remove(&self.id);
-        }
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// How long renewals gather before one read takes them all, at most: a small
 /// part of the quarter of the TTL left when a key is queued.
 const RENEW_GATHER: Duration = Duration::from_millis(20);
@@ -444,7 +410,7 @@ impl<V: Clone + Send + Sync + 'static> Tier<V> {
                 memo: Arc::new(Memo::new(TIER_CAPACITY)),
                 ttl,
             },
-            loading: Mutex::default(),
+            loading: Flights::default(),
             renewals: Arc::default(),
             gather: RENEW_GATHER.min(ttl / 16),
         }
@@ -580,18 +546,9 @@ where
     let (read_at, value) = match tier.answers.get(id) {
         Some(hit) => hit,
         None => {
-            let joined = {
-                let mut loading = lock(&tier.loading);
-                Joined {
-                    loading: &tier.loading,
-                    id,
-                    cell: loading.entry(id).or_default().clone(),
-                }
-            };
             let answers = &tier.answers;
-            joined
-                .cell
-                .get_or_init(|| async {
+            tier.loading
+                .run(id, || async {
                     let started = Instant::now();
                     let read = load().await.map(|v| (started, v));
                     if let Ok((_, value)) = &read {
@@ -599,8 +556,7 @@ where
                     }
                     read
                 })
-                .await
-                .clone()?
+                .await?
         }
     };
     let age = read_at.elapsed();
@@ -906,7 +862,7 @@ mod tests {
             call.await.unwrap().unwrap();
         }
         assert_eq!(inner.loads.load(Ordering::SeqCst) - before, 1);
-        assert!(lock(&cached.users.loading).is_empty(), "the read is done");
+        assert!(cached.users.loading.is_empty(), "the read is done");
     }
 
     #[tokio::test]
@@ -938,15 +894,12 @@ mod tests {
         for call in calls {
             assert!(call.await.unwrap_err().is_cancelled());
         }
-        assert!(
-            lock(&cached.users.loading).is_empty(),
-            "nothing left behind"
-        );
+        assert!(cached.users.loading.is_empty(), "nothing left behind");
         // The next caller reads again, and is answered.
         let before = inner.loads.load(Ordering::SeqCst);
         gate.add_permits(1);
         assert!(cached.user(1).await.unwrap().unwrap().is_active);
         assert_eq!(inner.loads.load(Ordering::SeqCst), before + 1);
-        assert!(lock(&cached.users.loading).is_empty());
+        assert!(cached.users.loading.is_empty());
     }
 }

@@ -25,7 +25,7 @@ mod directory;
 mod echo;
 mod error;
 mod layer;
-mod memo;
+pub mod memo;
 mod metrics;
 mod policy;
 mod resolve;

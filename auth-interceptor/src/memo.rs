@@ -1,5 +1,6 @@
-//! A bounded concurrent map for the caches read on every call: verified
-//! tokens and the directory's answers.
+//! A bounded concurrent map for the caches read on every call (verified
+//! tokens, the directory's answers, module switches), and [`Flights`], which
+//! lets the callers that miss one key at the same time share one read.
 //!
 //! Every authenticated call reads two or three of these. A general-purpose
 //! cache (moka, used before) records each read for its admission and
@@ -22,18 +23,21 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     hash::{BuildHasher, Hash},
-    sync::RwLock,
+    sync::{Arc, Mutex, RwLock},
 };
 
 use foldhash::fast::RandomState;
+use tokio::sync::OnceCell;
 
 /// Shards per map (fewer for a smaller capacity): enough that two cores
 /// rarely meet on one lock.
-pub(crate) const SHARDS: usize = 16;
+pub const SHARDS: usize = 16;
 
-/// See the module docs.
-pub(crate) struct Memo<K, V> {
+/// A bounded map whose entries carry their own deadline (see the module
+/// docs).
+pub struct Memo<K, V> {
     shards: Box<[RwLock<HashMap<K, V, RandomState>>]>,
     /// Picks the shard (its own seed, so a shard's keys are spread over its
     /// table as well as any other keys).
@@ -43,7 +47,7 @@ pub(crate) struct Memo<K, V> {
 
 impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
     /// A map holding at most `capacity` entries (at least one).
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize) -> Self {
         let shards = SHARDS.min(capacity).max(1);
         Self {
             per_shard: (capacity / shards).max(1),
@@ -61,14 +65,14 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
     }
 
     /// A clone of the value stored for `key`.
-    pub(crate) fn get(&self, key: &K) -> Option<V> {
+    pub fn get(&self, key: &K) -> Option<V> {
         read(self.shard(key)).get(key).cloned()
     }
 
     /// Stores `value` for `key`, replacing any value it had. When the shard
     /// is full, first drops the entries whose `deadline` is not after `now`
     /// or, if there were none, the one with the earliest `deadline`.
-    pub(crate) fn insert<D: Ord>(&self, key: K, value: V, now: D, deadline: impl Fn(&V) -> D) {
+    pub fn insert<D: Ord>(&self, key: K, value: V, now: D, deadline: impl Fn(&V) -> D) {
         let mut shard = write(self.shard(&key));
         if shard.len() >= self.per_shard && !shard.contains_key(&key) {
             shard.retain(|_, v| deadline(v) > now);
@@ -86,13 +90,83 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
     }
 
     /// Forgets `key`.
-    pub(crate) fn remove(&self, key: &K) {
+    pub fn remove(&self, key: &K) {
         write(self.shard(key)).remove(key);
     }
 
     /// Entries stored, live or past their deadline.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.shards.iter().map(|s| read(s).len()).sum()
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads in progress, by key: a caller that asks for a key whose read is
+/// under way waits for that read's answer instead of starting its own.
+///
+/// If the caller running the read gives up (its call is cancelled), a
+/// waiting caller takes the read over; the last caller out removes the
+/// key, so a read every caller gave up on leaves nothing behind.
+pub struct Flights<K, T> {
+    running: Mutex<HashMap<K, Arc<OnceCell<T>>, RandomState>>,
+}
+
+impl<K, T> Default for Flights<K, T> {
+    fn default() -> Self {
+        Self {
+            running: Mutex::new(HashMap::default()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, T: Clone> Flights<K, T> {
+    /// The answer of `read` for `key`, or of the read of `key` already
+    /// running.
+    pub async fn run<F, Fut>(&self, key: K, read: F) -> T
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let joined = {
+            let mut running = lock(&self.running);
+            let cell = running.entry(key.clone()).or_default().clone();
+            Joined {
+                flights: self,
+                key,
+                cell,
+            }
+        };
+        joined.cell.get_or_init(read).await.clone()
+    }
+
+    /// True when no read is running.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.running).is_empty()
+    }
+}
+
+/// A caller's part in a read of [`Flights`].
+struct Joined<'a, K: Hash + Eq, T> {
+    flights: &'a Flights<K, T>,
+    key: K,
+    cell: Arc<OnceCell<T>>,
+}
+
+impl<K: Hash + Eq, T> Drop for Joined<'_, K, T> {
+    fn drop(&mut self) {
+        let mut running = lock(&self.flights.running);
+        // Callers join under this lock, so the count is exact: 2 is the
+        // map and this caller.
+        let ours = running
+            .get(&self.key)
+            .is_some_and(|cell| Arc::ptr_eq(cell, &self.cell));
+        if ours && (self.cell.initialized() || Arc::strong_count(&self.cell) == 2) {
+            running.remove(&self.key);
+        }
     }
 }
 
@@ -105,6 +179,12 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -168,6 +248,38 @@ mod tests {
         }
         assert!(memo.len() <= SHARDS);
         assert!(expired.iter().all(|k| memo.get(k).is_none()));
+    }
+
+    #[tokio::test]
+    async fn callers_of_one_key_share_one_read_and_others_do_not() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let flights = Arc::new(Flights::<u64, u64>::default());
+        let reads = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let call = |key: u64| {
+            let (flights, reads, gate) = (flights.clone(), reads.clone(), gate.clone());
+            tokio::spawn(async move {
+                flights
+                    .run(key, || async {
+                        reads.fetch_add(1, Ordering::SeqCst);
+                        gate.acquire().await.unwrap().forget();
+                        key * 10
+                    })
+                    .await
+            })
+        };
+        let same: Vec<_> = (0..5).map(|_| call(1)).collect();
+        let other = call(2);
+        while reads.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(2);
+        for answer in same {
+            assert_eq!(answer.await.unwrap(), 10);
+        }
+        assert_eq!(other.await.unwrap(), 20);
+        assert_eq!(reads.load(Ordering::SeqCst), 2, "one read per key");
+        assert!(flights.is_empty());
     }
 
     #[test]

@@ -693,7 +693,10 @@ pub enum Refused {
 #[derive(Debug)]
 struct ShareState<K> {
     total: usize,
-    by_key: HashMap<K, usize>,
+    /// foldhash, not SipHash: taken and released on every authenticated
+    /// call, under the one lock every call shares. Keys are principals the
+    /// auth layer resolved, not raw client input.
+    by_key: HashMap<K, usize, foldhash::fast::RandomState>,
 }
 
 /// A counted resource (calls in flight, queue slots) shared fairly: at most
@@ -736,7 +739,7 @@ impl<K: Eq + Hash + Clone> FairShare<K> {
             per_key,
             state: Mutex::new(ShareState {
                 total: 0,
-                by_key: HashMap::new(),
+                by_key: HashMap::default(),
             }),
         }
     }
@@ -747,14 +750,19 @@ impl<K: Eq + Hash + Clone> FairShare<K> {
         if state.total >= self.total {
             return Err(Refused::Full { total: self.total });
         }
-        let held = state.by_key.get(&key).copied().unwrap_or(0);
+        let state = &mut *state;
+        let held = state.by_key.entry(key.clone()).or_insert(0);
         if let Some(per_key) = self.per_key
-            && held >= per_key
+            && *held >= per_key
         {
+            if *held == 0 {
+                // A share of zero: leave no entry behind.
+                state.by_key.remove(&key);
+            }
             return Err(Refused::Share { per_key });
         }
+        *held += 1;
         state.total += 1;
-        state.by_key.insert(key.clone(), held + 1);
         Ok(FairPermit {
             share: self.clone(),
             key,
@@ -901,6 +909,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_and_released_keys_take_no_memory() {
+        let share = Arc::new(FairShare::new(10, Some(2)));
+        let permits: Vec<_> = (0..2).map(|_| share.try_acquire(7u64).unwrap()).collect();
+        assert_eq!(
+            share.try_acquire(7).unwrap_err(),
+            Refused::Share { per_key: 2 }
+        );
+        drop(permits);
+        assert!(share.state.lock().unwrap().by_key.is_empty());
+        assert_eq!(share.in_use(), 0);
+        let none = Arc::new(FairShare::new(10, Some(0)));
+        assert_eq!(
+            none.try_acquire(7u64).unwrap_err(),
+            Refused::Share { per_key: 0 }
+        );
+        assert!(none.state.lock().unwrap().by_key.is_empty());
+    }
 
     #[test]
     fn principal_cap_is_a_share_of_the_in_flight_cap() {

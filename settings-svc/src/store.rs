@@ -7,9 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use auth_interceptor::memo::{Flights, Memo};
 use chrono::{DateTime, Utc};
 use igny8_db::{BeginWrite, Db, on_pool};
-use moka::future::Cache;
 use service_kit::{Change, ChangeHub};
 
 use crate::error::SettingsError;
@@ -106,17 +106,25 @@ struct Cached {
     read_started: Instant,
 }
 
+/// Most accounts whose switches (and last local write) are kept in memory.
+const CACHE_CAPACITY: usize = 100_000;
+
 /// Module settings with a bounded-staleness read cache.
 ///
-/// A copy is served only if no local write committed after the read that
-/// produced it began: a slow read racing an update can never put an older
-/// copy back in front of the update's result.
+/// A copy is served only while its read began less than the TTL ago, and
+/// only if no local write committed after that read began: a slow read
+/// racing an update can never put an older copy back in front of the
+/// update's result. Callers that miss one account at once share one read.
 #[derive(Clone)]
 pub struct SettingsStore {
     db: Db,
-    cache: Cache<i64, Cached>,
-    /// When this replica last committed an update, per account.
-    writes: Cache<i64, Instant>,
+    cache: Arc<Memo<i64, Cached>>,
+    /// Reads of accounts that missed, in progress.
+    reads: Arc<Flights<i64, Result<Cached, SettingsError>>>,
+    /// When this replica last committed an update, per account (kept for
+    /// twice the TTL: a write only matters while a copy read before it
+    /// could still be served).
+    writes: Arc<Memo<i64, Instant>>,
     /// Change notifications heard (any replica), per account: copies read
     /// before are not served. Kept only while a copy could outlive them.
     heard: Arc<Mutex<Heard>>,
@@ -149,15 +157,9 @@ impl SettingsStore {
     pub fn new(db: Db, ttl: Duration) -> Self {
         Self {
             db,
-            cache: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(ttl)
-                .build(),
-            // A write only matters while a copy read before it could live.
-            writes: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(ttl * 2)
-                .build(),
+            cache: Arc::new(Memo::new(CACHE_CAPACITY)),
+            reads: Arc::default(),
+            writes: Arc::new(Memo::new(CACHE_CAPACITY)),
             heard: Arc::default(),
             changes: ChangeHub::new(),
             ttl,
@@ -206,24 +208,49 @@ impl SettingsStore {
         })
     }
 
+    /// Keeps `copy` for the TTL from the start of its read.
+    fn remember(&self, account: i64, copy: Cached) {
+        let ttl = self.ttl;
+        self.cache
+            .insert(account, copy, Instant::now(), |c| c.read_started + ttl);
+    }
+
+    /// When this replica last committed an update of `account`, if a copy
+    /// read before it could still be served.
+    fn written(&self, account: i64) -> Option<Instant> {
+        let keep = self.ttl * 2;
+        self.writes.get(&account).filter(|at| at.elapsed() < keep)
+    }
+
     /// The account's switches from the database, created with every module
     /// enabled on first read. Refreshes the cache.
     #[tracing::instrument(name = "settings.get_or_create", skip(self), err(level = "debug"))]
     pub async fn get_or_create(&self, account: i64) -> Result<Arc<Switches>, SettingsError> {
         let fresh = self.read(account).await?;
-        self.cache.insert(account, fresh.clone()).await;
+        self.remember(account, fresh.clone());
         Ok(fresh.switches)
     }
 
     /// The account's switches, from memory when fresh enough.
     pub async fn cached(&self, account: i64) -> Result<Arc<Switches>, SettingsError> {
-        let entry = self
+        let hit = self
             .cache
-            .try_get_with(account, self.read(account))
-            .await
-            .map_err(|e| (*e).clone())?;
+            .get(&account)
+            .filter(|c| c.read_started.elapsed() < self.ttl);
+        let entry = match hit {
+            Some(entry) => entry,
+            None => {
+                self.reads
+                    .run(account, || async {
+                        let fresh = self.read(account).await?;
+                        self.remember(account, fresh.clone());
+                        Ok(fresh)
+                    })
+                    .await?
+            }
+        };
         let heard = self.heard.lock().expect("lock").latest(account);
-        match self.writes.get(&account).await.max(heard) {
+        match self.written(account).max(heard) {
             Some(written) if written > entry.read_started => self.get_or_create(account).await,
             _ => Ok(entry.switches),
         }
@@ -271,16 +298,16 @@ impl SettingsStore {
         });
         let switches = Arc::new(Switches::from(row));
         let committed = Instant::now();
-        self.writes.insert(account, committed).await;
-        self.cache
-            .insert(
-                account,
-                Cached {
-                    switches: switches.clone(),
-                    read_started: committed,
-                },
-            )
-            .await;
+        let keep = self.ttl * 2;
+        self.writes
+            .insert(account, committed, committed, |at| *at + keep);
+        self.remember(
+            account,
+            Cached {
+                switches: switches.clone(),
+                read_started: committed,
+            },
+        );
         self.changes.notify(&[account]);
         Ok(switches)
     }
