@@ -41,10 +41,18 @@ use crate::{
 fn main() -> ExitCode {
     let args = Args::parse();
     install_panic_hook();
-    // The log subscriber the service binaries install (RUST_LOG, text on
-    // stderr): without one, every span of every crate takes tracing's
-    // no-subscriber path, which is not what runs in production.
-    service_kit::telemetry::init(service_kit::config::LogFormat::Text);
+    // The log subscriber the service binaries install (RUST_LOG, and
+    // IGNY8_LOG_FORMAT: text by default, json as deployed): without one,
+    // every span of every crate takes tracing's no-subscriber path, which is
+    // not what runs in production.
+    let log_format = std::env::var("IGNY8_LOG_FORMAT").ok();
+    match service_kit::config::LogFormat::from_setting(log_format.as_deref()) {
+        Ok(format) => service_kit::telemetry::init(format),
+        Err(e) => {
+            eprintln!("igny8-bench: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

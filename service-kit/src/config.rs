@@ -37,6 +37,19 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The format `IGNY8_LOG_FORMAT` names (`text`, the default, or `json`).
+    pub fn from_setting(value: Option<&str>) -> Result<Self, ConfigError> {
+        match value {
+            None | Some("text") => Ok(LogFormat::Text),
+            Some("json") => Ok(LogFormat::Json),
+            Some(other) => Err(ConfigError(format!(
+                "IGNY8_LOG_FORMAT must be `text` or `json`, got {other:?}"
+            ))),
+        }
+    }
+}
+
 /// Everything a service needs to start.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -158,15 +171,7 @@ impl ServiceConfig {
         // Key material is checked now (curve, private keys, JWKS key use),
         // so a key that could never verify a token stops start-up, named.
         TokenVerifier::new(&jwt).map_err(|e| ConfigError(format!("{key_variable}: {e}")))?;
-        let log_format = match get("IGNY8_LOG_FORMAT").as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(ConfigError(format!(
-                    "IGNY8_LOG_FORMAT must be `text` or `json`, got {other:?}"
-                )));
-            }
-        };
+        let log_format = LogFormat::from_setting(get("IGNY8_LOG_FORMAT").as_deref())?;
         Ok(Self {
             database_url,
             listen_addr,
