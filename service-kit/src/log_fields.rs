@@ -25,7 +25,7 @@ use tracing_subscriber::{
     field::{RecordFields, VisitOutput},
     fmt::{
         FormatFields, FormattedFields,
-        format::{DefaultVisitor, JsonVisitor, Writer},
+        format::{DefaultVisitor, Writer},
     },
 };
 
@@ -213,9 +213,7 @@ pub(crate) struct JsonFields;
 
 impl<'w> FormatFields<'w> for JsonFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
-        let mut visitor = JsonVisitor::new(&mut writer);
-        fields.record(&mut Logged(&mut visitor));
-        visitor.finish()
+        JsonObject::write(&mut writer, |visitor| fields.record(&mut Logged(visitor)))
     }
 
     fn add_fields(
@@ -227,11 +225,111 @@ impl<'w> FormatFields<'w> for JsonFields {
             return Ok(());
         }
         let mut added = String::new();
-        let mut visitor = JsonVisitor::new(&mut added);
-        fields.record(&mut Logged(&mut visitor));
-        visitor.finish()?;
+        JsonObject::write(&mut added, |visitor| fields.record(&mut Logged(visitor)))?;
         merge_json_objects(&mut current.fields, &added);
         Ok(())
+    }
+}
+
+/// Writes one JSON object with the members `JsonVisitor` would write (the
+/// same names and values), straight into the output: `JsonVisitor` first
+/// builds a map of `serde_json::Value`s, allocating every string. Members
+/// come in the order recorded rather than sorted by name.
+struct JsonObject<'a> {
+    out: &'a mut dyn fmt::Write,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl JsonObject<'_> {
+    /// `{`, the members `record` visits, `}`.
+    fn write(out: &mut dyn fmt::Write, record: impl FnOnce(&mut JsonObject<'_>)) -> fmt::Result {
+        out.write_char('{')?;
+        let mut object = JsonObject {
+            out,
+            first: true,
+            result: Ok(()),
+        };
+        record(&mut object);
+        object.result?;
+        object.out.write_char('}')
+    }
+
+    /// `,"name":` and then the value `write_value` writes.
+    fn member(&mut self, name: &str, write_value: impl FnOnce(&mut dyn fmt::Write) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        let first = std::mem::replace(&mut self.first, false);
+        let out = &mut *self.out;
+        self.result = (|| {
+            if !first {
+                out.write_char(',')?;
+            }
+            json_string(out, name)?;
+            out.write_char(':')?;
+            write_value(out)
+        })();
+    }
+
+    /// A value as serde_json writes it.
+    fn serialized(&mut self, name: &str, value: serde_json::Value) {
+        self.member(name, |out| out.write_str(&value.to_string()));
+    }
+}
+
+/// `value` as a JSON string, escaped as serde_json escapes it.
+fn json_string(out: &mut dyn fmt::Write, value: &str) -> fmt::Result {
+    // serde_json escapes control characters, `"` and `\` only.
+    if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.write_char('"')?;
+        out.write_str(value)?;
+        out.write_char('"')
+    } else {
+        out.write_str(&serde_json::Value::from(value).to_string())
+    }
+}
+
+impl Visit for JsonObject<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.serialized(field.name(), serde_json::Value::from(value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.member(field.name(), |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.member(field.name(), |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.member(field.name(), |out| {
+            out.write_str(if value { "true" } else { "false" })
+        });
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.member(field.name(), |out| json_string(out, value));
+    }
+
+    fn record_bytes(&mut self, field: &Field, value: &[u8]) {
+        self.serialized(field.name(), serde_json::Value::from(value));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        // As `JsonVisitor`: tracing-log's `log.*` metadata is left out, and
+        // a raw identifier loses its `r#`.
+        let name = field.name();
+        if name.starts_with("log.") {
+            return;
+        }
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        self.member(name, |out| json_string(out, &format!("{value:?}")));
     }
 }
 
@@ -348,11 +446,10 @@ mod tests {
         assert_eq!(text.lines().count(), 2, "{text}");
     }
 
-    /// Spans and events with every kind of field `DefaultVisitor` treats
-    /// specially, written through `TextFields` or through
-    /// tracing-subscriber's own `DefaultFields`.
-    fn text_through(ours: bool, ansi: bool) -> String {
-        fn emit() {
+    /// Spans and events with every kind of field the visitors treat
+    /// specially.
+    fn emit_every_kind_of_field() {
+        {
             let span = tracing::info_span!(
                 "s",
                 a = "plain",
@@ -366,6 +463,7 @@ mod tests {
                 h = 1.5,
                 i = ?vec![1],
                 j = "",
+                log.skipped = ?2,
             );
             span.record("f", -3i64);
             span.record("b", i64::MIN);
@@ -382,6 +480,12 @@ mod tests {
             );
             tracing::warn!(message = "as a field", k = "back\\slash");
         }
+    }
+
+    /// [`emit_every_kind_of_field`] through `TextFields` or through
+    /// tracing-subscriber's own `DefaultFields`.
+    fn text_through(ours: bool, ansi: bool) -> String {
+        let emit = emit_every_kind_of_field;
         let lines = Lines::default();
         let layer = tracing_subscriber::fmt::layer()
             .without_time()
@@ -443,6 +547,48 @@ mod tests {
             );
         }
         assert_eq!(parsed[0]["fields"]["error"], "quote \" and\nnewline");
+    }
+
+    /// [`emit_every_kind_of_field`] through `JsonFields` or through
+    /// tracing-subscriber's own, each line parsed.
+    fn json_through(ours: bool) -> Vec<serde_json::Value> {
+        let lines = Lines::default();
+        let layer = tracing_subscriber::fmt::layer()
+            .json()
+            .with_span_list(true)
+            .without_time()
+            .with_writer(lines.clone());
+        if ours {
+            let layer = layer.fmt_fields(JsonFields);
+            tracing::subscriber::with_default(
+                tracing_subscriber::registry().with(layer),
+                emit_every_kind_of_field,
+            );
+        } else {
+            tracing::subscriber::with_default(
+                tracing_subscriber::registry().with(layer),
+                emit_every_kind_of_field,
+            );
+        }
+        lines
+            .text()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect()
+    }
+
+    #[test]
+    fn json_fields_write_what_tracing_subscriber_writes() {
+        let ours = json_through(true);
+        assert_eq!(ours, json_through(false));
+        assert_eq!(ours.len(), 2);
+        let span = &ours[0]["span"];
+        assert_eq!(span["a"], "plain");
+        assert_eq!(span["b"], i64::MIN, "recorded last");
+        assert_eq!(span["d"], "needs \"escaping\"\n");
+        assert_eq!(span["type"], "kind");
+        assert_eq!(span["i"], "[1]");
+        assert!(span.get("log.skipped").is_none());
     }
 
     #[test]
