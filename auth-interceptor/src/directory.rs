@@ -8,9 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::memo::{Flights, Memo};
 use async_trait::async_trait;
 use igny8_db::{Db, on_pool};
+
+use crate::memo::{Flights, Memo};
 
 /// How long a directory answer may be served from memory. Changes made by the
 /// platform (user moved, deactivated, role changed, account suspended) are

@@ -10,8 +10,8 @@
 //! in `perf`. These caches need less: every entry carries its own deadline
 //! (a token's `exp`, the moment a directory answer goes stale), their
 //! callers check that deadline on every read, and the bound exists only to
-//! keep memory finite. So a read is one hash, one uncontended read lock on
-//! one of [`SHARDS`] shards and a clone of the value.
+//! keep memory finite. So a read is one hash, one read lock on one of
+//! [`SHARDS`] shards and a clone of the value.
 //!
 //! **Bounded.** Each shard holds at most its share of the capacity. An
 //! insert into a full shard first drops the entries whose deadline has
