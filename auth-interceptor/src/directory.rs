@@ -704,6 +704,38 @@ mod tests {
         }
     }
 
+    type Cached = Arc<CachedDirectory<Arc<Counting>>>;
+
+    /// A directory whose loads each take a permit of the returned gate
+    /// (`permits` to start with), behind a cache with `ttl`; its users are
+    /// active.
+    fn gated(
+        permits: usize,
+        ttl: Duration,
+    ) -> (Arc<tokio::sync::Semaphore>, Arc<Counting>, Cached) {
+        let gate = Arc::new(tokio::sync::Semaphore::new(permits));
+        let inner = Arc::new(Counting {
+            gate: Some(gate.clone()),
+            ..Default::default()
+        });
+        *inner.active.lock().unwrap() = true;
+        let cached = Arc::new(CachedDirectory::new(inner.clone(), ttl));
+        (gate, inner, cached)
+    }
+
+    /// Each of `ids` asked for by a task of its own, at once.
+    fn spawn_users(
+        cached: &Cached,
+        ids: impl IntoIterator<Item = i64>,
+    ) -> Vec<tokio::task::JoinHandle<Result<Option<UserRecord>, DirectoryError>>> {
+        ids.into_iter()
+            .map(|id| {
+                let c = cached.clone();
+                tokio::spawn(async move { c.user(id).await })
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn keys_near_expiry_are_renewed_together() {
         let inner = Arc::new(Counting::default());
@@ -711,14 +743,7 @@ mod tests {
         let cached = Arc::new(CachedDirectory::new(inner.clone(), MAX_CACHE_TTL));
         let ids: Vec<i64> = (1..=50).collect();
         // All read at once, so all reach three quarters of the TTL together.
-        let first: Vec<_> = ids
-            .iter()
-            .map(|&id| {
-                let c = cached.clone();
-                tokio::spawn(async move { c.user(id).await })
-            })
-            .collect();
-        for read in first {
+        for read in spawn_users(&cached, ids.iter().copied()) {
             read.await.unwrap().unwrap();
         }
         assert_eq!(inner.loads.load(Ordering::SeqCst), 50);
@@ -748,24 +773,14 @@ mod tests {
 
     #[tokio::test]
     async fn answers_near_expiry_are_renewed_in_the_background() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(1));
-        let inner = Arc::new(Counting {
-            gate: Some(gate.clone()),
-            ..Default::default()
-        });
-        *inner.active.lock().unwrap() = true;
-        let cached = Arc::new(CachedDirectory::new(inner.clone(), MAX_CACHE_TTL));
+        let (gate, inner, cached) = gated(1, MAX_CACHE_TTL);
         assert!(cached.user(1).await.unwrap().unwrap().is_active);
         tokio::time::sleep(MAX_CACHE_TTL / 4 * 3 + Duration::from_millis(10)).await;
         // Near expiry, with the directory's next read held at the gate:
         // every caller is answered from memory (none waits for the read),
         // and the key is read again once, in the background.
         *inner.active.lock().unwrap() = false;
-        let calls = (0..10).map(|_| {
-            let c = cached.clone();
-            tokio::spawn(async move { c.user(1).await })
-        });
-        for call in calls.collect::<Vec<_>>() {
+        for call in spawn_users(&cached, [1; 10]) {
             assert!(call.await.unwrap().unwrap().unwrap().is_active);
         }
         wait_until("a renewal started", || async {
@@ -855,11 +870,7 @@ mod tests {
         );
 
         let before = inner.loads.load(Ordering::SeqCst);
-        let calls = (0..10).map(|_| {
-            let c = cached.clone();
-            tokio::spawn(async move { c.user(2).await })
-        });
-        for call in calls.collect::<Vec<_>>() {
+        for call in spawn_users(&cached, [2; 10]) {
             call.await.unwrap().unwrap();
         }
         assert_eq!(inner.loads.load(Ordering::SeqCst) - before, 1);
@@ -868,21 +879,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_every_caller_gave_up_on_is_started_again() {
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let inner = Arc::new(Counting {
-            gate: Some(gate.clone()),
-            ..Default::default()
-        });
-        *inner.active.lock().unwrap() = true;
-        let cached = Arc::new(CachedDirectory::new(inner.clone(), DEFAULT_CACHE_TTL));
+        let (gate, inner, cached) = gated(0, DEFAULT_CACHE_TTL);
         // Three callers miss user 1 and wait for the one read, held at the
         // gate; all three give up.
-        let calls: Vec<_> = (0..3)
-            .map(|_| {
-                let c = cached.clone();
-                tokio::spawn(async move { c.user(1).await })
-            })
-            .collect();
+        let calls = spawn_users(&cached, [1; 3]);
         wait_until("the read started", || async {
             inner.loads.load(Ordering::SeqCst) == 1
         })
