@@ -2,9 +2,12 @@
 //! behind a cache whose staleness is bounded.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     future::Future,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU8, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -321,13 +324,14 @@ fn account_record(id: i64, status: &str) -> AccountRecord {
 /// Failures are never cached. Concurrent misses for one key share a single
 /// load.
 ///
-/// An answer past three quarters of its `ttl` is still served, and read
-/// again in the background (once at a time per key), so a key in steady use
-/// is renewed before it expires instead of making every request that
-/// arrives at expiry wait for the read. Under load that wait was the tail of
-/// one account's latency: every request arriving while the read ran queued
-/// behind it. (Renewing from half the TTL read rarely used keys about twice
-/// as often, for little gain.)
+/// Answers in use are read again in the background at three quarters of
+/// their `ttl` (see [`Usage`] for which count as in use), many keys per
+/// read, so a key in steady use is renewed before it expires instead of
+/// making the request that arrives at expiry — and every request behind it
+/// — wait for the read. Under load that wait was the tail of one account's
+/// latency. An answer left to expire that is called in its last quarter is
+/// served and read again too. (Renewing from half the TTL read rarely used
+/// keys about twice as often, for little gain.)
 pub struct CachedDirectory<D> {
     inner: Arc<D>,
     ttl: Duration,
@@ -360,10 +364,80 @@ struct Renewals {
     scheduled: bool,
 }
 
-/// Answers and when the read that produced each began.
+/// Answers and when the read that produced each began, with the renewals
+/// they have coming.
 struct Answers<V> {
-    memo: Arc<Memo<i64, (Instant, V)>>,
+    memo: Arc<Memo<i64, Answer<V>>>,
     ttl: Duration,
+    /// How long after its read began an answer is due for renewal: three
+    /// quarters of the TTL, less the time renewals gather.
+    renew_after: Duration,
+    due: Arc<Due>,
+}
+
+/// A cached answer: when the read that produced it began, and how callers
+/// have used it since it was stored.
+#[derive(Clone)]
+struct Answer<V> {
+    read_at: Instant,
+    value: V,
+    usage: Usage,
+}
+
+/// Whether any call read an answer since it was stored ([`Usage::USED`]),
+/// and how many renewals in a row before it had no caller (the low bits).
+struct Usage(AtomicU8);
+
+impl Usage {
+    const USED: u8 = 0x80;
+
+    fn idle(idle: u8) -> Self {
+        Self(AtomicU8::new(idle))
+    }
+
+    /// Records a call. Only the first call of a generation writes, so a
+    /// key read on both cores does not bounce its cache line on every call.
+    fn mark(&self) {
+        if self.0.load(Ordering::Relaxed) & Self::USED == 0 {
+            self.0.fetch_or(Self::USED, Ordering::Relaxed);
+        }
+    }
+
+    /// The idle count of the answer that renews this one, or `None` when it
+    /// has gone unused for [`IDLE_RENEWALS`] renewals and is left to expire.
+    fn next_idle(&self) -> Option<u8> {
+        let state = self.0.load(Ordering::Relaxed);
+        if state & Self::USED != 0 {
+            Some(0)
+        } else if state < IDLE_RENEWALS {
+            Some(state + 1)
+        } else {
+            None
+        }
+    }
+}
+
+// Not derived: an atomic is not `Clone`. A clone carries the state it had.
+impl Clone for Usage {
+    fn clone(&self) -> Self {
+        Self(AtomicU8::new(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// How many renewals in a row an answer nobody read is still renewed. A key
+/// called at least about once a second (three renewals at three quarters of
+/// the default TTL) never has a caller wait for its read; a key that stopped
+/// being called costs at most this many rows of batched reads.
+const IDLE_RENEWALS: u8 = 2;
+
+/// The renewals coming: a key and when its answer is due, in the order the
+/// answers were stored (which is about the order of the times: every answer
+/// is due the same time after its read began).
+#[derive(Default)]
+struct Due {
+    queue: Mutex<VecDeque<(Instant, i64)>>,
+    /// A task is renewing what falls due (see [`Tier::keep_renewing`]).
+    running: AtomicBool,
 }
 
 // Not derived: `V` need not be `Clone` for the handle to be.
@@ -372,6 +446,8 @@ impl<V> Clone for Answers<V> {
         Self {
             memo: self.memo.clone(),
             ttl: self.ttl,
+            renew_after: self.renew_after,
+            due: self.due.clone(),
         }
     }
 }
@@ -381,19 +457,77 @@ impl<V> Clone for Answers<V> {
 const TIER_CAPACITY: usize = 100_000;
 
 impl<V: Clone> Answers<V> {
+    /// The answer for `id` and when its read began; counts as a use.
     fn get(&self, id: i64) -> Option<(Instant, V)> {
-        self.memo.get(&id)
+        self.memo.get_with(&id, |a| {
+            a.usage.mark();
+            (a.read_at, a.value.clone())
+        })
     }
 
-    /// Stores `value`, read by a read that began at `read_at`.
+    /// Stores `value`, read by a read that began at `read_at`, and puts it
+    /// in line for renewal. An answer renewing one nobody read counts one
+    /// more idle renewal; any other starts from none.
     fn put(&self, id: i64, read_at: Instant, value: V) {
+        let idle = self
+            .memo
+            .get_with(&id, |a| a.usage.next_idle())
+            .flatten()
+            .unwrap_or(0);
         let ttl = self.ttl;
+        let answer = Answer {
+            read_at,
+            value,
+            usage: Usage::idle(idle),
+        };
         self.memo
-            .insert(id, (read_at, value), Instant::now(), |(at, _)| *at + ttl);
+            .insert(id, answer, Instant::now(), |a| a.read_at + ttl);
+        let mut queue = self.due.queue.lock().expect("due lock");
+        // Bounded like the answers; past it, a key is renewed by its callers.
+        if queue.len() < TIER_CAPACITY {
+            queue.push_back((read_at + self.renew_after, id));
+        }
     }
 
     fn remove(&self, id: i64) {
         self.memo.remove(&id);
+    }
+
+    /// When the next renewal falls due; `None` (and the renewing task marked
+    /// stopped) when none is in line.
+    fn next_due(&self) -> Option<Instant> {
+        let queue = self.due.queue.lock().expect("due lock");
+        let next = queue.front().map(|&(at, _)| at);
+        if next.is_none() {
+            self.due.running.store(false, Ordering::Release);
+        }
+        next
+    }
+
+    /// Takes the keys due by `by` whose answers are worth renewing (read
+    /// lately, see [`Usage`]) and are not being read already; marks them as
+    /// being read. Keys whose answer was replaced since they were put in
+    /// line are skipped: the newer answer has its own place.
+    fn take_due(&self, by: Instant, renewals: &Mutex<Renewals>) -> Vec<i64> {
+        let mut due = Vec::new();
+        {
+            let mut queue = self.due.queue.lock().expect("due lock");
+            while let Some(&(at, id)) = queue.front() {
+                if at > by {
+                    break;
+                }
+                queue.pop_front();
+                due.push(id);
+            }
+        }
+        let mut renewals = renewals.lock().expect("renewals lock");
+        due.retain(|&id| {
+            let worth = self.memo.get_with(&id, |a| {
+                a.read_at + self.renew_after <= by && a.usage.next_idle().is_some()
+            });
+            worth == Some(true) && renewals.members.insert(id)
+        });
+        due
     }
 }
 
@@ -406,15 +540,68 @@ const RENEW_BATCH: usize = 500;
 
 impl<V: Clone + Send + Sync + 'static> Tier<V> {
     fn new(ttl: Duration) -> Self {
+        let gather = RENEW_GATHER.min(ttl / 16);
         Self {
             answers: Answers {
                 memo: Arc::new(Memo::new(TIER_CAPACITY)),
                 ttl,
+                renew_after: (ttl / 4 * 3).saturating_sub(gather),
+                due: Arc::default(),
             },
             loading: Flights::default(),
             renewals: Arc::default(),
-            gather: RENEW_GATHER.min(ttl / 16),
+            gather,
         }
+    }
+
+    /// Whether [`Tier::keep_renewing`] has a task running.
+    fn renewing(&self) -> bool {
+        self.answers.due.running.load(Ordering::Acquire)
+    }
+
+    /// Starts the task that renews answers as they fall due, unless it runs
+    /// already: it sleeps until the next answer in line is due, takes every
+    /// answer due within `gather` of it that was read lately (see
+    /// [`Usage`]), reads them with one `read` and stores what it finds —
+    /// which puts them in line again. It ends when nothing is in line (every
+    /// answer left unused for [`IDLE_RENEWALS`] renewals); the next call
+    /// starts it again. Outside a Tokio runtime nothing is renewed.
+    ///
+    /// Renewal does not wait for a call to land in the last quarter of the
+    /// TTL ([`Tier::renew`]): a key called a few times a second, but never
+    /// in that window, would otherwise expire and make its next caller wait
+    /// for the read.
+    fn keep_renewing<F, Fut>(&self, read: F)
+    where
+        F: Fn(Vec<i64>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            // Under the lock `next_due` marks the task stopped with.
+            let queue = self.answers.due.queue.lock().expect("due lock");
+            if queue.is_empty() || self.answers.due.running.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+        let (answers, renewals, gather) =
+            (self.answers.clone(), self.renewals.clone(), self.gather);
+        runtime.spawn(async move {
+            while let Some(at) = answers.next_due() {
+                tokio::time::sleep_until(at.into()).await;
+                let ids = answers.take_due(Instant::now() + gather, &renewals);
+                if ids.is_empty() {
+                    continue;
+                }
+                read(ids.clone()).await;
+                let mut renewals = renewals.lock().expect("renewals lock");
+                for id in &ids {
+                    renewals.members.remove(id);
+                }
+            }
+        });
     }
 
     /// Queues `id` to be read again in the background, unless it is queued
@@ -599,6 +786,13 @@ impl<D: Directory> Directory for CachedDirectory<D> {
             self.users
                 .renew(id, move |ids| renew_users(inner, users, accounts, ids));
         }
+        if !self.users.renewing() {
+            let (inner, users) = (self.inner.clone(), self.users.answers.clone());
+            let accounts = self.accounts.answers.clone();
+            self.users.keep_renewing(move |ids| {
+                renew_users(inner.clone(), users.clone(), accounts.clone(), ids)
+            });
+        }
         Ok(user)
     }
 
@@ -612,6 +806,11 @@ impl<D: Directory> Directory for CachedDirectory<D> {
             let (inner, accounts) = (self.inner.clone(), self.accounts.answers.clone());
             self.accounts
                 .renew(id, move |ids| renew_accounts(inner, accounts, ids));
+        }
+        if !self.accounts.renewing() {
+            let (inner, accounts) = (self.inner.clone(), self.accounts.answers.clone());
+            self.accounts
+                .keep_renewing(move |ids| renew_accounts(inner.clone(), accounts.clone(), ids));
         }
         Ok(account)
     }
@@ -639,6 +838,8 @@ mod tests {
         delay_ms: u64,
         /// Calls of `users_with_accounts`.
         batches: AtomicUsize,
+        /// Calls of `user`: reads of one user.
+        one_by_one: AtomicUsize,
     }
 
     impl Counting {
@@ -673,6 +874,7 @@ mod tests {
     impl Directory for Counting {
         async fn user(&self, id: i64) -> Result<Option<UserRecord>, DirectoryError> {
             self.loads.fetch_add(1, Ordering::SeqCst);
+            self.one_by_one.fetch_add(1, Ordering::SeqCst);
             if let Some(gate) = &self.gate {
                 gate.acquire().await.unwrap().forget();
             }
@@ -737,38 +939,87 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn keys_near_expiry_are_renewed_together() {
+    async fn keys_in_use_are_renewed_together_before_they_expire() {
         let inner = Arc::new(Counting::default());
         *inner.active.lock().unwrap() = true;
         let cached = Arc::new(CachedDirectory::new(inner.clone(), MAX_CACHE_TTL));
         let ids: Vec<i64> = (1..=50).collect();
-        // All read at once, so all reach three quarters of the TTL together.
+        // All read at once, so all fall due together; each used once more.
         for read in spawn_users(&cached, ids.iter().copied()) {
             read.await.unwrap().unwrap();
         }
-        assert_eq!(inner.loads.load(Ordering::SeqCst), 50);
-        tokio::time::sleep(MAX_CACHE_TTL / 4 * 3 + Duration::from_millis(10)).await;
-        *inner.active.lock().unwrap() = false;
-        // Every key is asked for near expiry, several times (well within
-        // the time renewals gather): each is answered from memory and read
-        // again once, all in one batch.
-        for _ in 0..3 {
-            for &id in &ids {
-                assert!(cached.user(id).await.unwrap().unwrap().is_active);
-            }
+        for &id in &ids {
+            assert!(cached.user(id).await.unwrap().unwrap().is_active);
         }
+        assert_eq!(inner.loads.load(Ordering::SeqCst), 50);
+        *inner.active.lock().unwrap() = false;
+        // Nobody calls near expiry: the renewal does not wait for a caller.
+        // One batch reads every key, and every answer is then the new one.
         wait_until("every key was read again", || async {
             inner.loads.load(Ordering::SeqCst) >= 100
         })
         .await;
         assert_eq!(inner.batches.load(Ordering::SeqCst), 1, "one batch read");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let renewed_by = Instant::now();
         for &id in &ids {
-            wait_until("the renewed answers are served", || async {
-                !cached.user(id).await.unwrap().unwrap().is_active
-            })
-            .await;
+            assert!(!cached.user(id).await.unwrap().unwrap().is_active);
         }
+        assert!(
+            renewed_by.elapsed() < MAX_CACHE_TTL / 4,
+            "answered from memory"
+        );
         assert_eq!(inner.loads.load(Ordering::SeqCst), 100, "no other read");
+        assert_eq!(
+            inner.one_by_one.load(Ordering::SeqCst),
+            50,
+            "no caller read"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_called_outside_the_last_quarter_never_makes_a_caller_wait() {
+        let inner = Arc::new(Counting::default());
+        let ttl = Duration::from_millis(400);
+        let cached = CachedDirectory::new(inner.clone(), ttl);
+        cached.user(1).await.unwrap();
+        // Every 250 ms: past the TTL between some calls, and no call in the
+        // last quarter of an answer read by the caller. Renewals in the
+        // background keep every call answered from memory.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            cached.user(1).await.unwrap();
+        }
+        assert_eq!(
+            inner.one_by_one.load(Ordering::SeqCst),
+            1,
+            "only the first call read"
+        );
+        assert!(inner.batches.load(Ordering::SeqCst) >= 4, "renewed instead");
+    }
+
+    #[tokio::test]
+    async fn a_key_nobody_calls_is_renewed_a_bounded_number_of_times() {
+        let inner = Arc::new(Counting::default());
+        let ttl = Duration::from_millis(200);
+        let cached = CachedDirectory::new(inner.clone(), ttl);
+        cached.user(1).await.unwrap();
+        wait_until("renewals stopped", || async { !cached.users.renewing() }).await;
+        assert_eq!(
+            inner.batches.load(Ordering::SeqCst),
+            usize::from(IDLE_RENEWALS),
+            "renewed {IDLE_RENEWALS} times, then left to expire"
+        );
+        assert!(cached.users.answers.due.queue.lock().unwrap().is_empty());
+        tokio::time::sleep(ttl * 2).await;
+        assert_eq!(
+            inner.batches.load(Ordering::SeqCst),
+            usize::from(IDLE_RENEWALS)
+        );
+        // Called again, it is read again and back in line.
+        cached.user(1).await.unwrap();
+        assert_eq!(inner.one_by_one.load(Ordering::SeqCst), 2);
+        assert!(cached.users.renewing());
     }
 
     #[tokio::test]
@@ -811,10 +1062,12 @@ mod tests {
             1,
             "the account came with the user"
         );
-        // Aged from the user's read: both expire together.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        cached.account(1).await.unwrap();
-        assert_eq!(inner.account_loads.load(Ordering::SeqCst), 2);
+        // Aged from the user's read (both started just before it), so both
+        // expire together.
+        let (user_read, _) = cached.users.answers.get(7).unwrap();
+        let (account_read, _) = cached.accounts.answers.get(1).unwrap();
+        assert!(account_read.duration_since(user_read) < Duration::from_millis(5));
+        assert!(user_read.duration_since(account_read).is_zero());
     }
 
     #[tokio::test]

@@ -69,6 +69,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
         read(self.shard(key)).get(key).cloned()
     }
 
+    /// What `f` makes of the value stored for `key`, under the shard's read
+    /// lock (for reading part of a value without cloning all of it).
+    pub fn get_with<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
+        read(self.shard(key)).get(key).map(f)
+    }
+
     /// Stores `value` for `key`, replacing any value it had. When the shard
     /// is full, first drops the entries whose `deadline` is not after `now`
     /// or, if there were none, the one with the earliest `deadline`.
