@@ -554,6 +554,23 @@ impl<V: Clone + Send + Sync + 'static> Tier<V> {
         }
     }
 
+    /// After a call: queues `renew` (an answer the call found in its last
+    /// quarter) with [`Tier::renew`], and starts [`Tier::keep_renewing`]
+    /// unless it runs. `reader` makes the read both use, only when one is
+    /// needed (most calls need neither).
+    fn in_background<F, Fut>(&self, renew: Option<i64>, reader: impl Fn() -> F)
+    where
+        F: Fn(Vec<i64>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if let Some(id) = renew {
+            self.renew(id, reader());
+        }
+        if !self.renewing() {
+            self.keep_renewing(reader());
+        }
+    }
+
     /// Whether [`Tier::keep_renewing`] has a task running.
     fn renewing(&self) -> bool {
         self.answers.due.running.load(Ordering::Acquire)
@@ -780,19 +797,11 @@ impl<D: Directory> Directory for CachedDirectory<D> {
             }
         })
         .await?;
-        if renew {
+        self.users.in_background(renew.then_some(id), || {
             let (inner, users) = (self.inner.clone(), self.users.answers.clone());
             let accounts = self.accounts.answers.clone();
-            self.users
-                .renew(id, move |ids| renew_users(inner, users, accounts, ids));
-        }
-        if !self.users.renewing() {
-            let (inner, users) = (self.inner.clone(), self.users.answers.clone());
-            let accounts = self.accounts.answers.clone();
-            self.users.keep_renewing(move |ids| {
-                renew_users(inner.clone(), users.clone(), accounts.clone(), ids)
-            });
-        }
+            move |ids| renew_users(inner.clone(), users.clone(), accounts.clone(), ids)
+        });
         Ok(user)
     }
 
@@ -802,16 +811,10 @@ impl<D: Directory> Directory for CachedDirectory<D> {
             async move { inner.account(id).await }
         })
         .await?;
-        if renew {
+        self.accounts.in_background(renew.then_some(id), || {
             let (inner, accounts) = (self.inner.clone(), self.accounts.answers.clone());
-            self.accounts
-                .renew(id, move |ids| renew_accounts(inner, accounts, ids));
-        }
-        if !self.accounts.renewing() {
-            let (inner, accounts) = (self.inner.clone(), self.accounts.answers.clone());
-            self.accounts
-                .keep_renewing(move |ids| renew_accounts(inner.clone(), accounts.clone(), ids));
-        }
+            move |ids| renew_accounts(inner.clone(), accounts.clone(), ids)
+        });
         Ok(account)
     }
 }
