@@ -723,6 +723,19 @@ impl Process {
         stderr: std::process::Stdio,
     ) -> Process {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_at(name, service, db_url, addr, extra, stderr).await
+    }
+
+    /// Like [`Process::start_logging`], listening on `addr`: a process
+    /// started again where a killed one listened keeps its clients.
+    pub async fn start_at(
+        name: &str,
+        service: &str,
+        db_url: &str,
+        addr: SocketAddr,
+        extra: &[(&str, &str)],
+        stderr: std::process::Stdio,
+    ) -> Process {
         let mut cmd = std::process::Command::new(workspace_binary(name));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

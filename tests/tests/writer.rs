@@ -211,6 +211,45 @@ async fn abandoned_requests_are_not_applied(b: Backend) {
     assert_eq!(keys, ["first", "after"]);
 }
 
+/// A caller that gives up after its request joined a batch (here: the
+/// batch waits on a lock past the caller's deadline) gets
+/// DEADLINE_EXCEEDED, yet the batch still commits its request: the answer
+/// is lost, not the change. The client's retry with the same key is then a
+/// replay of that row, never a second charge.
+async fn a_caller_that_gave_up_mid_batch_is_replayed_on_retry(b: Backend) {
+    let db = TestDb::new(b).await;
+    seed_accounts(&db).await;
+    let server = spawn_billing(&db).await;
+    let before = db.balance(1).await;
+    let blocker = RowBlocker::hold(&db, 1).await;
+    let mut c = server.billing(&access_token(101, None), None).await;
+    let mut req = tonic::Request::new(deduct_credits(7, "answer-lost"));
+    req.set_timeout(Duration::from_millis(300));
+    let err = c.deduct(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    // The batch holding it is still waiting on the lock.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker.release().await;
+    eventually(
+        Duration::from_secs(10),
+        "the abandoned batch committed",
+        || async { db.ledger_sum(1).await.1 == 1 },
+    )
+    .await;
+    let again = c
+        .deduct(deduct_credits(7, "answer-lost"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(again.replayed, "the retry charged again: {again:?}");
+    assert_eq!(again.balance, before - 7);
+    assert_eq!(db.balance(1).await, before - 7);
+    assert_eq!(db.ledger_sum(1).await, (-7, 1));
+}
+
 /// The largest batch the configuration allows fits every statement on both
 /// backends (bound parameters, expression depth): 512 distinct deducts,
 /// grants and reserves over 8 accounts in one go, all applied. On
@@ -300,6 +339,7 @@ on_both_backends!(
     two_replicas_batch_exactly,
     full_queue_is_refused_at_once,
     abandoned_requests_are_not_applied,
+    a_caller_that_gave_up_mid_batch_is_replayed_on_retry,
 );
 
 /// A batch whose connection is killed mid-transaction acknowledges nothing
