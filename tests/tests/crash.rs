@@ -3,11 +3,13 @@
 //! database, twice, while every client retries each call with its own
 //! idempotency key until it is answered.
 //!
-//! Every key ends up as exactly one ledger row: a call whose batch committed
-//! before the kill but whose answer was lost is replayed on retry, never
-//! charged twice; one that was not committed is applied by the retry. Every
-//! answer a client got names that row and its balance, and the balance is
-//! the starting credits less one charge per key. Both backends.
+//! A key is a Deduct, or (every fourth) a Reserve and a CaptureHold of the
+//! same hold. Every key ends up as exactly one ledger row (and one captured
+//! hold): a call whose batch committed before the kill but whose answer was
+//! lost is replayed on retry, never charged twice; one that was not
+//! committed is applied by the retry. Every answer a client got names that
+//! row and its balance, and the balance is the starting credits less one
+//! charge per key. Both backends.
 //!
 //! The same load on PostgreSQL with every database connection the server
 //! holds cut twice (`pg_terminate_backend`) instead: the same outcome.
@@ -25,7 +27,10 @@ use std::{
 
 use auth_interceptor::BearerInterceptor;
 use igny8_db::on_pool;
-use igny8_proto::billing::v1::billing_service_client::BillingServiceClient;
+use igny8_proto::billing::v1::{
+    CaptureHoldRequest, ReserveRequest, billing_service_client::BillingServiceClient,
+    capture_hold_request, reserve_request,
+};
 use igny8_tests::*;
 use tonic::{Code, transport::Channel};
 
@@ -36,17 +41,24 @@ const CLIENTS: usize = 12;
 const KEYS_PER_CLIENT: usize = 40;
 const BILLING: &str = igny8_proto::BILLING_SERVICE_NAME;
 
-/// What a client was finally told for one key.
+/// What a client was finally told for one key: a Deduct's row, or the
+/// CAPTURE row of a hold reserved under the key and then captured.
 #[derive(Debug, Clone)]
 struct Answer {
+    key: String,
+    /// The hold, for a reserve-and-capture key.
+    hold_id: Option<String>,
     transaction_id: i64,
     balance: i64,
+    /// Any of the key's calls was a replay.
     replayed: bool,
+    /// The failed attempts before the answers.
+    failures: Vec<Code>,
 }
 
 /// The codes a call can end with when the server dies under it or is not
-/// listening yet: retried with the same key. Anything else is a wrong
-/// answer for a valid deduct on a funded account.
+/// listening yet: retried with the same request. Anything else is a wrong
+/// answer for a valid call on a funded account.
 fn retryable(code: Code) -> bool {
     matches!(
         code,
@@ -54,14 +66,50 @@ fn retryable(code: Code) -> bool {
     )
 }
 
-/// Calls Deduct for each of `keys` in turn, retrying each until it is
-/// answered; counts acknowledged keys in `done`.
+/// Makes the call `$call` until it is answered, retrying what
+/// [`retryable`] allows (the same request each time) and adding the
+/// failures seen to `$failures`; evaluates to the response message.
+macro_rules! answered {
+    ($what:expr, $failures:expr, $call:expr) => {{
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            match $call.await {
+                Ok(response) => break response.into_inner(),
+                Err(status) => {
+                    assert!(
+                        retryable(status.code()),
+                        "{}: {status:?} is not an answer a retry should see",
+                        $what
+                    );
+                    $failures.push(status.code());
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{} still unanswered after 90 s: {:?}",
+                        $what,
+                        $failures
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }};
+}
+
+/// Every fourth key is a hold: Reserve twice the charge, then capture the
+/// charge.
+fn is_hold(k: usize) -> bool {
+    k % 4 == 3
+}
+
+/// Charges `CHARGE` once per key in turn (Deduct, or Reserve and
+/// CaptureHold), retrying each call until it is answered; counts answered
+/// keys in `done`.
 async fn client_loop(
     addr: SocketAddr,
     token: String,
     keys: Vec<String>,
     done: Arc<AtomicUsize>,
-) -> Vec<(String, Answer, Vec<Code>)> {
+) -> Vec<Answer> {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .timeout(Duration::from_secs(5))
@@ -70,36 +118,56 @@ async fn client_loop(
         channel,
         BearerInterceptor::new(token.as_str()).expect("ascii token"),
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let mut answers = Vec::with_capacity(keys.len());
-    for key in keys {
+    for (k, key) in keys.into_iter().enumerate() {
         let mut failures = Vec::new();
-        let answer = loop {
-            match client.deduct(deduct_credits(CHARGE, &key)).await {
-                Ok(response) => {
-                    let r = response.into_inner();
-                    break Answer {
-                        transaction_id: r.transaction.expect("a ledger row").id,
-                        balance: r.balance,
-                        replayed: r.replayed,
-                    };
-                }
-                Err(status) => {
-                    assert!(
-                        retryable(status.code()),
-                        "key {key}: {status:?} is not an answer a retry should see"
-                    );
-                    failures.push(status.code());
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "key {key} still unanswered after 90 s: {failures:?}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+        let answer = if is_hold(k) {
+            let reserve = ReserveRequest {
+                cost: Some(reserve_request::Cost::Credits(2 * CHARGE)),
+                idempotency_key: key.clone(),
+                ..Default::default()
+            };
+            let reserved = answered!(
+                format!("reserve {key}"),
+                failures,
+                client.reserve(reserve.clone())
+            );
+            let hold_id = reserved.hold.expect("a hold").id;
+            let capture = CaptureHoldRequest {
+                hold_id: hold_id.clone(),
+                amount: Some(capture_hold_request::Amount::Credits(CHARGE)),
+            };
+            let captured = answered!(
+                format!("capture {key}"),
+                failures,
+                client.capture_hold(capture.clone())
+            );
+            Answer {
+                key,
+                hold_id: Some(hold_id),
+                transaction_id: captured.transaction.expect("a capture row").id,
+                balance: captured.balance,
+                replayed: reserved.replayed || captured.replayed,
+                failures,
+            }
+        } else {
+            let request = deduct_credits(CHARGE, &key);
+            let r = answered!(
+                format!("deduct {key}"),
+                failures,
+                client.deduct(request.clone())
+            );
+            Answer {
+                key,
+                hold_id: None,
+                transaction_id: r.transaction.expect("a ledger row").id,
+                balance: r.balance,
+                replayed: r.replayed,
+                failures,
             }
         };
         done.fetch_add(1, Ordering::Relaxed);
-        answers.push((key, answer, failures));
+        answers.push(answer);
     }
     answers
 }
@@ -118,20 +186,33 @@ async fn until_done(done: &AtomicUsize, n: usize) {
     .await;
 }
 
-/// The account's ledger rows: id and balance after, by idempotency key.
-async fn ledger_by_key(db: &TestDb) -> (HashMap<String, (i64, i64)>, usize) {
-    let rows: Vec<(String, i64, i64)> = on_pool!(&db.db, pool => sqlx::query_as(
-        "SELECT idempotency_key, id, balance_after FROM credit_ledger WHERE account_id = $1")
+/// The account's ledger rows by id: kind, idempotency key, balance after.
+async fn ledger_rows(db: &TestDb) -> HashMap<i64, (String, String, i64)> {
+    let rows: Vec<(i64, String, String, i64)> = on_pool!(&db.db, pool => sqlx::query_as(
+        "SELECT id, kind, idempotency_key, balance_after FROM credit_ledger WHERE account_id = $1")
         .bind(ACCOUNT)
         .fetch_all(pool)
         .await)
     .expect("ledger rows");
-    let count = rows.len();
-    let by_key = rows
-        .into_iter()
-        .map(|(key, id, after)| (key, (id, after)))
-        .collect();
-    (by_key, count)
+    rows.into_iter()
+        .map(|(id, kind, key, after)| (id, (kind, key, after)))
+        .collect()
+}
+
+/// The account's holds: id → (idempotency key, state, captured credits,
+/// capture row).
+async fn holds(db: &TestDb) -> HashMap<String, (String, String, i64, Option<i64>)> {
+    let rows: Vec<(String, String, String, i64, Option<i64>)> =
+        on_pool!(&db.db, pool => sqlx::query_as(
+        "SELECT id, idempotency_key, state, captured_credits, transaction_id \
+         FROM credit_holds WHERE account_id = $1")
+        .bind(ACCOUNT)
+        .fetch_all(pool)
+        .await)
+        .expect("holds");
+    rows.into_iter()
+        .map(|(id, key, state, captured, row)| (id, (key, state, captured, row)))
+        .collect()
 }
 
 /// What happens to the server mid-load.
@@ -210,38 +291,49 @@ async fn disrupted_mid_load_applies_every_key_once(backend: Backend, disruption:
     }
     drop(server);
 
-    let (ledger, rows) = ledger_by_key(&db).await;
-    assert_eq!(rows, total, "one ledger row per key, no more");
-    let mut retried = 0;
-    let mut replays = 0;
-    for (key, answer, failures) in &answers {
-        let &(id, after) = ledger
-            .get(key)
-            .unwrap_or_else(|| panic!("key {key} was acknowledged but has no ledger row"));
+    let ledger = ledger_rows(&db).await;
+    let holds = holds(&db).await;
+    let held = answers.iter().filter(|a| a.hold_id.is_some()).count();
+    assert_eq!(ledger.len(), total, "one ledger row per key, no more");
+    assert_eq!(holds.len(), held, "one hold per reserve key, no more");
+    for a in &answers {
+        let key = &a.key;
+        let (kind, row_key, after) = ledger
+            .get(&a.transaction_id)
+            .unwrap_or_else(|| panic!("key {key}: its answer names no ledger row"));
         assert_eq!(
-            (answer.transaction_id, answer.balance),
-            (id, after),
-            "key {key}: the answer names another row than the ledger holds"
+            *after, a.balance,
+            "key {key}: the answer's balance is not its row's"
         );
-        retried += usize::from(!failures.is_empty());
-        replays += usize::from(answer.replayed);
+        match &a.hold_id {
+            None => assert_eq!((kind.as_str(), row_key), ("deduct", key)),
+            Some(hold) => {
+                assert_eq!(kind, "capture", "key {key}");
+                let (hold_key, state, captured, row) = &holds[hold];
+                assert_eq!(
+                    (hold_key, state.as_str(), *captured, *row),
+                    (key, "captured", CHARGE, Some(a.transaction_id)),
+                    "key {key}: the hold"
+                );
+            }
+        }
         assert!(
-            !answer.replayed || !failures.is_empty(),
+            !a.replayed || !a.failures.is_empty(),
             "key {key} replayed without having been sent before"
         );
     }
+    let retried = answers.iter().filter(|a| !a.failures.is_empty()).count();
+    let replays = answers.iter().filter(|a| a.replayed).count();
     if let Disruption::Kill = disruption {
         // A cut connection costs at most the batch in flight on it, which
         // may be empty at that instant; a kill always cuts the calls.
         assert!(retried > 0, "no call was cut by the kills");
     }
-    assert_eq!(db.balance(ACCOUNT).await, CREDITS - CHARGE * total as i64);
-    assert_eq!(
-        db.ledger_sum(ACCOUNT).await,
-        (-CHARGE * total as i64, total as i64)
-    );
+    let charged = CHARGE * total as i64;
+    assert_eq!(db.balance(ACCOUNT).await, CREDITS - charged);
+    assert_eq!(db.ledger_sum(ACCOUNT).await, (-charged, total as i64));
     eprintln!(
-        "{backend:?}, {disruption:?}: {total} keys, {retried} retried, {replays} of them replayed"
+        "{backend:?}, {disruption:?}: {total} keys ({held} holds), {retried} retried, {replays} of them replayed"
     );
 }
 
