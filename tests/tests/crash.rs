@@ -38,7 +38,7 @@ const ACCOUNT: i64 = 1;
 const CREDITS: i64 = 1_000_000;
 const CHARGE: i64 = 3;
 const CLIENTS: usize = 12;
-const KEYS_PER_CLIENT: usize = 40;
+const KEYS_PER_CLIENT: usize = 60;
 const BILLING: &str = igny8_proto::BILLING_SERVICE_NAME;
 
 /// What a client was finally told for one key: a Deduct's row, or the
@@ -176,14 +176,17 @@ async fn start(db: &TestDb, addr: SocketAddr) -> Process {
     Process::start_at("billing-svc", BILLING, &db.url, addr, &[], Stdio::null()).await
 }
 
-/// Waits until at least `n` keys were acknowledged.
+/// Waits until at least `n` keys were acknowledged, looking every
+/// millisecond so that the disruption lands while the load still runs.
 async fn until_done(done: &AtomicUsize, n: usize) {
-    eventually(
-        Duration::from_secs(60),
-        &format!("{n} deducts acknowledged"),
-        || async { done.load(Ordering::Relaxed) >= n },
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while done.load(Ordering::Relaxed) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} keys not acknowledged within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// The account's ledger rows by id: kind, idempotency key, balance after.
