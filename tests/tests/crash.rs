@@ -25,14 +25,12 @@ use std::{
     time::Duration,
 };
 
-use auth_interceptor::BearerInterceptor;
 use igny8_db::on_pool;
 use igny8_proto::billing::v1::{
-    CaptureHoldRequest, ReserveRequest, billing_service_client::BillingServiceClient,
-    capture_hold_request, reserve_request,
+    CaptureHoldRequest, ReserveRequest, capture_hold_request, reserve_request,
 };
 use igny8_tests::*;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 const ACCOUNT: i64 = 1;
 const CREDITS: i64 = 1_000_000;
@@ -110,14 +108,9 @@ async fn client_loop(
     keys: Vec<String>,
     done: Arc<AtomicUsize>,
 ) -> Vec<Answer> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .timeout(Duration::from_secs(5))
-        .connect_lazy();
-    let mut client = BillingServiceClient::with_interceptor(
-        channel,
-        BearerInterceptor::new(token.as_str()).expect("ascii token"),
-    );
+    // The harness's client: its channel connects again after the server
+    // went away, on the next call.
+    let mut client = Running::at(addr).billing(&token, None).await;
     let mut answers = Vec::with_capacity(keys.len());
     for (k, key) in keys.into_iter().enumerate() {
         let mut failures = Vec::new();
